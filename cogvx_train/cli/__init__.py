@@ -1,0 +1,1 @@
+"""Console scripts: cogvx-train, cogvx-data, cogvx-sample."""

@@ -1,0 +1,144 @@
+"""`cogvx-train`: compose a run from conf/ with Hydra, check it, build everything in `train()`, fit.
+
+    cogvx-train stage=vae_a1 experiment=demo
+    cogvx-train stage=dit_b1 model=5b data.manifest=/data/m.jsonl trainer=ddp trainer.devices=8
+    cogvx-train -m stage=dit_b1 experiment=demo model.attention=full,spatial_temporal
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from cogvx_train.config import ConfigError
+from cogvx_train.config import resolvers
+
+log = logging.getLogger("cogvx_train")
+
+CONFIG_MODULE = "cogvx_train.conf"
+GROUPS = ("stage", "model", "data", "trainer", "logger", "callbacks", "paths", "experiment", "debug")
+HYDRA_FLAGS_WITH_VALUE = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c",
+                          "--package", "-p", "--info", "-i")
+
+
+def _config_dirs(argv: list[str]) -> list[Path]:
+    """The packaged conf/ plus any --config-dir the user adds."""
+    from importlib.resources import files
+
+    dirs = [Path(str(files(CONFIG_MODULE)))]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]).expanduser())
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.split("=", 1)[1]).expanduser())
+    return dirs
+
+
+def _options(group: str, dirs: list[Path]) -> list[str]:
+    return sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
+
+
+def precheck(argv: list[str]) -> None:
+    """Answer the commonest command-line mistakes in one sentence, before Hydra prints a stack of its own.
+
+    Unknown group options (stage=dit_b9, model=7b) and a missing stage are caught here; everything about values
+    is checked after composition by cogvx_train.config.validate.
+    """
+    if any(a in ("--help", "-h", "--hydra-help", "--version", "--info", "-i") or a.startswith("--info=")
+           for a in argv):
+        return
+    dirs = _config_dirs(argv)
+    skip = False
+    overrides = []
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in HYDRA_FLAGS_WITH_VALUE:
+            skip = True
+            continue
+        if not arg.startswith("-"):
+            overrides.append(arg)
+    multirun = "-m" in argv or "--multirun" in argv
+    chosen: dict[str, list[str]] = {}
+    for ov in overrides:
+        key, sep, value = ov.lstrip("+~").partition("=")
+        key = key.removeprefix("override ").strip()
+        if not sep or key not in GROUPS:
+            continue
+        values = value.split(",") if multirun else [value]
+        chosen[key] = values
+        known = _options(key, dirs)
+        for v in values:
+            if v in ("null", ""):
+                continue
+            if v not in known:
+                raise ConfigError(f"{key}={v} is not a known {key}; choose one of: {', '.join(known)} "
+                                  f"(or add {key}/{v}.yaml to a directory given with --config-dir).")
+    if "stage" not in chosen and "hydra/help" not in chosen:
+        raise ConfigError(f"no stage is selected; add stage=<name>, one of: {', '.join(_options('stage', dirs))}.")
+
+
+def train(cfg: DictConfig, run=None) -> dict:
+    """Build everything a run needs, in this order, and fit. Returns the final metrics.
+
+    `run` (a RunDirectory) defaults to the directory Hydra chose for this job.
+    """
+    from cogvx_train.train import factory
+    from cogvx_train.train.run_dir import RunDirectory
+
+    world_size = factory.world_size_from_env(cfg)
+    run = run or RunDirectory.from_hydra(cfg)
+    derived = factory.check_config(cfg, world_size)               # one sentence per mistake, nothing heavy yet
+    if run.finished() and not cfg.resume:
+        log.info("trial %s already finished; skipping (delete %s to redo it)", run.path, run.done_marker)
+        return run.final_metrics()
+    ckpt_path = factory.resume_checkpoint(cfg, run)               # refuses changes outside the whitelist
+    run.write_config(cfg, derived, argv=sys.argv)
+    factory.seed_everything(cfg.seed)
+
+    datamodule = factory.build_datamodule(cfg)
+    module = factory.build_module(cfg, run)
+    callbacks = factory.build_callbacks(cfg, run)
+    loggers = factory.build_loggers(cfg, run)
+    trainer = factory.build_trainer(cfg, callbacks, loggers)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = factory.final_metrics(trainer)
+    if trainer.is_global_zero:
+        factory.export_final(module, run)
+        run.mark_finished(metrics)
+    return metrics
+
+
+@hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base="1.3")
+def _hydra_entry(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except ConfigError as err:
+        for message in err.messages:
+            print(f"cogvx-train: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    resolvers.register()
+    try:
+        precheck(sys.argv[1:])
+    except ConfigError as err:
+        print(f"cogvx-train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if ("--help" in sys.argv or "-h" in sys.argv) and not any(a.startswith("stage=") for a in sys.argv):
+        # Hydra composes a config even to print help; any stage will do, the help text shows none of its values.
+        sys.argv.append("stage=dit_b1")
+    if any(a in ("--cfg", "-c") for a in sys.argv) and "--resolve" not in sys.argv:
+        sys.argv.append("--resolve")  # users want the values a run will use, not the interpolations
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""OmegaConf resolvers used by conf/train.yaml. Registered by the CLI (and tests), never at import time."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def run_dir(output_dir: str, stage_name: str, resume: str | None) -> str:
+    """Where a single run writes: the resumed run's own directory, else a new timestamped one."""
+    if resume:
+        path = Path(str(resume)).expanduser()
+        # resume may name a checkpoint file inside <run>/checkpoints/
+        if path.is_file():
+            path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        return str(path)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return str(Path(output_dir) / "runs" / stage_name / stamp)
+
+
+def trial_name(override_dirname: str) -> str:
+    """A sweep trial's directory name from its overrides, safe for every filesystem."""
+    if not override_dirname:
+        return "default"
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)[:200]
+
+
+def register() -> None:
+    """Idempotent: safe to call from the CLI and from every test."""
+    OmegaConf.register_new_resolver("cogvx_run_dir", run_dir, replace=True)
+    OmegaConf.register_new_resolver("cogvx_trial_name", trial_name, replace=True)

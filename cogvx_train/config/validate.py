@@ -1,0 +1,234 @@
+"""Check the whole resolved config before anything heavy is built, and compute the derived values.
+
+Every check adds one sentence saying what is wrong and what would work; :func:`validate` raises one
+:class:`ConfigError` carrying all of them, so a user fixes every mistake in one go.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from cogvx_train.config.errors import ConfigError
+
+TASKS = ("vae", "dit")
+ATTENTIONS = ("full", "spatial_temporal")
+POSITIONS = ("rope3d", "sincos3d")
+TEXT_FUSIONS = ("expert_adaln", "shared_adaln", "expert_ffn", "mmdit")
+TIMESTEP_SAMPLINGS = ("uniform_per_rank", "iid")
+GUIDANCE_SCHEDULES = ("constant", "dynamic_cosine")
+LR_SCHEDULES = ("cosine", "constant", "linear")
+DISC_KINDS = ("3d", "2d")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "single_device")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed")
+TEXT_ENCODER_KINDS = ("tiny", "t5")
+
+
+def nearest_4k_plus_1(n: int) -> str:
+    lo = max(1, ((n - 1) // 4) * 4 + 1)
+    hi = lo + 4
+    return f"{lo} or {hi}" if lo != n else str(hi)
+
+
+def _exists(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_num_frames(n: Any, key: str = "data.num_frames") -> str | None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        return f"{key}={n!r} must be a positive integer of the form 4k+1 (e.g. 17 or 49)."
+    if (n - 1) % 4 != 0:
+        return f"{key}={n} is not of the form 4k+1 (the VAE compresses time 4x after frame 0); use {nearest_4k_plus_1(n)}."
+    return None
+
+
+def check_resolutions(resolutions: Any, key: str = "data.resolutions") -> list[str]:
+    if not isinstance(resolutions, (list, ListConfig)) or len(resolutions) == 0:
+        return [f"{key} must be a non-empty list of [height, width] pairs, e.g. [[256, 384]]."]
+    errors = []
+    for hw in resolutions:
+        if not isinstance(hw, (list, ListConfig)) or len(hw) != 2 or not all(isinstance(v, int) for v in hw):
+            errors.append(f"{key} entry {OmegaConf.to_container(hw) if OmegaConf.is_config(hw) else hw!r} "
+                          "is not a [height, width] pair of integers, e.g. [480, 720].")
+            continue
+        h, w = hw
+        bad = [v for v in (h, w) if v <= 0 or v % 16]
+        if bad:
+            fix = [max(16, round(v / 16) * 16) for v in (h, w)]
+            errors.append(f"{key} entry [{h}, {w}] is not a multiple of 16 (8x VAE downsampling times the 2x2 "
+                          f"patches); use [{fix[0]}, {fix[1]}].")
+    return errors
+
+
+def _check_path(cfg: DictConfig, key: str, what: str, errors: list[str], special: tuple[str, ...] = ()) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None or value == "???" or str(value) in special:
+        return
+    if not Path(str(value)).expanduser().exists():
+        errors.append(f"{key}={value} does not exist; point it at an existing {what}.")
+
+
+def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...], errors: list[str]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        errors.append(f"{key}={value!r} is not one of {', '.join(choices)}.")
+
+
+def _positive(cfg: DictConfig, key: str, errors: list[str], allow_zero: bool = False, integer: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    ok = _is_number(value) and (value >= 0 if allow_zero else value > 0) and (not integer or isinstance(value, int))
+    if not ok:
+        kind = "integer" if integer else "number"
+        bound = "≥ 0" if allow_zero else "> 0"
+        errors.append(f"{key}={value!r} must be a {kind} {bound}.")
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Raise ConfigError listing every mistake in ``cfg``; return quietly when it is sound."""
+    errors: list[str] = []
+    missing = [k for k in ("task", "stage_name") if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        raise ConfigError("no stage is selected; add stage=<name> (vae_a1, vae_a2, dit_b1, dit_b2, dit_b3, dit_b4).")
+    for key in ("init_from",):
+        if _exists(cfg, key) and OmegaConf.is_missing(cfg, key):
+            errors.append(f"stage {cfg.stage_name} starts from the previous stage's weights; add {key}=<checkpoint "
+                          "or run directory of that stage>.")
+    task = cfg.task
+    if task not in TASKS:
+        errors.append(f"task={task!r} is not one of {', '.join(TASKS)}.")
+
+    # data
+    d = cfg.data
+    if (e := check_num_frames(d.num_frames)) is not None:
+        errors.append(e)
+    errors += check_resolutions(d.resolutions)
+    fps = OmegaConf.to_container(d.fps) if OmegaConf.is_config(d.fps) else d.fps
+    fps_list = fps if isinstance(fps, list) else [fps]
+    if not fps_list or not all(_is_number(f) and f > 0 for f in fps_list):
+        errors.append(f"data.fps={fps!r} must be a positive frame rate or a list of them, e.g. 8 or [8, 16].")
+    _positive(cfg, "data.batch_size", errors, integer=True)
+    _positive(cfg, "data.image_batch_size", errors, integer=True)
+    _positive(cfg, "data.num_workers", errors, allow_zero=True, integer=True)
+    rate = d.max_failure_rate
+    if not _is_number(rate) or not 0 <= rate <= 1:
+        errors.append(f"data.max_failure_rate={rate!r} must be a fraction in [0, 1], e.g. 0.01.")
+    _check_path(cfg, "data.manifest", "manifest file (build one with `cogvx-data manifest <folder> --out m.jsonl`)",
+                errors)
+    _check_path(cfg, "data.val_manifest", "manifest file", errors)
+    _check_path(cfg, "data.latent_cache", "directory written by `cogvx-data precompute`", errors)
+    _check_path(cfg, "init_from", "checkpoint file, run directory or diffusers-format directory", errors)
+    _check_path(cfg, "resume", "run directory (or its checkpoints/last.ckpt)", errors)
+
+    # optimisation
+    _positive(cfg, "optim.lr", errors)
+    _positive(cfg, "optim.warmup_steps", errors, allow_zero=True, integer=True)
+    _positive(cfg, "optim.grad_clip", errors, allow_zero=True)
+    _positive(cfg, "optim.weight_decay", errors, allow_zero=True)
+    _choice(cfg, "optim.schedule", LR_SCHEDULES, errors)
+    if OmegaConf.select(cfg, "ema.enabled"):
+        decay = cfg.ema.decay
+        if not _is_number(decay) or not 0 < decay < 1:
+            errors.append(f"ema.decay={decay!r} must lie strictly between 0 and 1, e.g. 0.9999.")
+    _positive(cfg, "checkpoint.every_n_steps", errors, integer=True)
+    _positive(cfg, "checkpoint.keep_last_k", errors, integer=True)
+
+    # trainer
+    t = cfg.trainer
+    if not t.get("fast_dev_run"):
+        _positive(cfg, "trainer.max_steps", errors, integer=True)
+    _choice(cfg, "trainer.strategy", STRATEGIES, errors)
+    if str(t.precision) not in PRECISIONS:
+        errors.append(f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}.")
+
+    # model
+    m = cfg.model
+    from cogvx_train.vae import VAE_SIZES
+
+    if m.vae.size not in VAE_SIZES:
+        errors.append(f"model.vae.size={m.vae.size!r} is not a known VAE size; use one of {', '.join(VAE_SIZES)}.")
+    if task == "vae":
+        v = cfg.vae_loss
+        for key in ("l1_weight", "lpips_weight", "kl_weight", "disc_weight"):
+            _positive(cfg, f"vae_loss.{key}", errors, allow_zero=True)
+        _positive(cfg, "vae_loss.disc_start", errors, allow_zero=True, integer=True)
+        _choice(cfg, "vae_loss.disc_kind", DISC_KINDS, errors)
+        if v.lpips_frames != "all" and not (isinstance(v.lpips_frames, int) and v.lpips_frames > 0):
+            errors.append(f"vae_loss.lpips_frames={v.lpips_frames!r} must be 'all' or a positive number of frames.")
+        _check_path(cfg, "vae_loss.lpips_backbone_path", "torchvision backbone weights file", errors)
+        cp = OmegaConf.select(cfg, "context_parallel_size", default=1)
+        if not isinstance(cp, int) or cp < 1:
+            errors.append(f"context_parallel_size={cp!r} must be a positive integer.")
+        elif world_size % cp:
+            errors.append(f"context_parallel_size={cp} does not divide the world size {world_size}; "
+                          f"launch a multiple of {cp} ranks.")
+    if task == "vae" and str(t.strategy).startswith("deepspeed"):
+        errors.append(f"trainer={t.strategy} runs one optimizer per model and the VAE stages train two (G and D); "
+                      "use trainer=ddp or trainer=fsdp for vae stages.")
+    if task == "dit":
+        from cogvx_train.dit import DIT_SIZES
+
+        if m.size not in DIT_SIZES:
+            errors.append(f"model.size={m.size!r} is not a known DiT size; use one of {', '.join(DIT_SIZES)}.")
+        _choice(cfg, "model.attention", ATTENTIONS, errors)
+        _choice(cfg, "model.positions", POSITIONS, errors)
+        _choice(cfg, "model.text_fusion", TEXT_FUSIONS, errors)
+        _choice(cfg, "diffusion.timestep_sampling", TIMESTEP_SAMPLINGS, errors)
+        _choice(cfg, "sampling.guidance_schedule", GUIDANCE_SCHEDULES, errors)
+        _positive(cfg, "diffusion.snr_shift", errors)
+        _positive(cfg, "sampling.num_steps", errors, integer=True)
+        drop = cfg.diffusion.caption_dropout
+        if not _is_number(drop) or not 0 <= drop < 1:
+            errors.append(f"diffusion.caption_dropout={drop!r} must be a probability in [0, 1), e.g. 0.1.")
+        uses_cache = d.latent_cache is not None
+        if not uses_cache:
+            _choice(cfg, "model.text_encoder.kind", TEXT_ENCODER_KINDS, errors)
+            if m.text_encoder.kind == "t5" and not m.text_encoder.path:
+                errors.append("model.text_encoder.path is not set; point it at a local T5 encoder directory "
+                              "(config.json, weights, spiece.model), or use model=tiny for a test run.")
+            _check_path(cfg, "model.text_encoder.path", "T5 encoder directory", errors)
+            if m.vae.weights is None:
+                errors.append("model.vae.weights is not set; the DiT trains on a frozen VAE: give a vae stage "
+                              "checkpoint or a diffusers-format VAE directory (or data.latent_cache=<precomputed>).")
+            else:
+                _check_path(cfg, "model.vae.weights", "VAE checkpoint or diffusers-format VAE directory", errors,
+                            special=("demo",))
+    if errors:
+        raise ConfigError(errors)
+
+
+def derive(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
+    """Values that follow from the config, computed once, logged and saved with the run's config."""
+    d = cfg.data
+    latent_frames = (d.num_frames - 1) // 4 + 1
+    buckets = []
+    for h, w in d.resolutions:
+        entry = {"resolution": [h, w], "latent_shape": [16, latent_frames, h // 8, w // 8]}
+        if cfg.task == "dit":
+            entry["vision_tokens"] = latent_frames * (h // 16) * (w // 16)
+        buckets.append(entry)
+    out: dict[str, Any] = {
+        "world_size": world_size,
+        "global_batch_size": d.batch_size * world_size,
+        "latent_frames": latent_frames,
+        "buckets": buckets,
+    }
+    if cfg.task == "dit":
+        out["timestep_interval_per_rank"] = [
+            [round(r * cfg.diffusion.num_train_timesteps / world_size, 3),
+             round((r + 1) * cfg.diffusion.num_train_timesteps / world_size, 3)]
+            for r in range(world_size)
+        ] if cfg.diffusion.timestep_sampling == "uniform_per_rank" else "iid over [0, 1000)"
+    if cfg.task == "vae":
+        cp = OmegaConf.select(cfg, "context_parallel_size", default=1) or 1
+        out["context_parallel_size"] = cp
+        out["data_parallel_size"] = max(1, world_size // cp)
+    return out

@@ -1,0 +1,73 @@
+"""3D rotary position embedding (CogVideoX-5B).
+
+The head dimension is split into a temporal block (head_dim / 4 channels) and two spatial blocks
+(3 * head_dim / 8 channels each, height then width): 16 | 24 | 24 for head_dim 64. Inside a block of d channels,
+channel pair (2i, 2i+1) is rotated by the angle pos * theta^(-2i / d) ("interleaved pairs"). Positions are the
+integer token coordinates, so a larger video extrapolates to new positions instead of squeezing the trained range.
+Only vision queries and keys are rotated; text tokens carry no position.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_axis_dims(head_dim: int) -> tuple[int, int, int]:
+    """Channels per axis (t, h, w) for a head dimension: (hd/4, 3hd/8, 3hd/8)."""
+    if head_dim % 16 != 0:
+        raise ValueError(f"3D RoPE needs head_dim divisible by 16 (t:h:w = 2:3:3 blocks of even size), "
+                         f"got {head_dim}")
+    return head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3
+
+
+def _axis_angles(num_positions: int, dim: int, theta: float, device) -> torch.Tensor:
+    """[num_positions, dim/2] angles pos * theta^(-2i/dim), in float64."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    positions = torch.arange(num_positions, dtype=torch.float64, device=device)
+    return torch.outer(positions, inv_freq)
+
+
+def rope3d_frequencies(
+    num_frames: int,
+    height_tokens: int,
+    width_tokens: int,
+    head_dim: int = 64,
+    theta: float = 1e4,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each [num_frames * height_tokens * width_tokens, head_dim], rows in (t, h, w) token order.
+
+    Every angle appears twice in a row (channels 2i and 2i+1), the layout diffusers' CogVideoX transformer takes
+    as `image_rotary_emb`.
+    """
+    if min(num_frames, height_tokens, width_tokens) < 1:
+        raise ValueError(f"token grid must be at least 1x1x1, got {(num_frames, height_tokens, width_tokens)}")
+    dim_t, dim_h, dim_w = rope_axis_dims(head_dim)
+    grid = (num_frames, height_tokens, width_tokens)
+    a_t = _axis_angles(num_frames, dim_t, theta, device)[:, None, None, :].expand(*grid, -1)
+    a_h = _axis_angles(height_tokens, dim_h, theta, device)[None, :, None, :].expand(*grid, -1)
+    a_w = _axis_angles(width_tokens, dim_w, theta, device)[None, None, :, :].expand(*grid, -1)
+    angles = torch.cat([a_t, a_h, a_w], dim=-1).reshape(-1, head_dim // 2)  # [N, hd/2]
+    angles = angles.repeat_interleave(2, dim=-1)  # [N, hd], pairs share an angle
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_pairs_(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, inverse: bool = False) -> None:
+    """Rotate channel pairs of x [..., N, H, hd] in place by the angles behind cos_half/sin_half [N, 1, hd/2].
+
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); inverse=True rotates by the negative angle, which is the
+    backward pass (the rotation is orthogonal).
+    """
+    pairs = x.unflatten(-1, (-1, 2))  # [..., N, H, hd/2, 2]
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    s = -sin_half if inverse else sin_half
+    x1_sin = x1 * s
+    new_x1 = x1 * cos_half - x2 * s
+    x2.mul_(cos_half).add_(x1_sin)
+    x1.copy_(new_x1)
+
+
+def half_angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, hd] interleaved tables -> [N, 1, hd/2] (one value per pair, broadcast over heads)."""
+    return cos[:, None, 0::2], sin[:, None, 0::2]

@@ -1,0 +1,101 @@
+"""Exponential moving average of a model's weights, kept in fp32 next to the live weights.
+
+The EMA is a plain object, not an ``nn.Module``: it must not appear among the module's parameters (the optimizer
+would see it) nor in ``state_dict()`` under the model's names. The LightningModule stores it in the checkpoint
+explicitly (``on_save_checkpoint``) and swaps it in for validation and export with :meth:`EMA.swapped_into`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """shadow <- decay * shadow + (1 - decay) * weight, once per optimizer step.
+
+    Before ``start_step`` the shadow simply follows the weights (an average over the random initialisation and the
+    first fast-moving steps would only have to be forgotten again).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, start_step: int = 0):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay={decay!r} must lie strictly between 0 and 1, e.g. 0.9999.")
+        self.decay = float(decay)
+        self.start_step = int(start_step)
+        self.num_updates = 0
+        self.shadow: dict[str, torch.Tensor] = {
+            name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad
+        }
+
+    def _aligned(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        # the LightningModule moves the model to its device after the EMA was built: follow it lazily
+        shadow = self.shadow[name]
+        if shadow.device != like.device:
+            shadow = self.shadow[name] = shadow.to(like.device)
+        return shadow
+
+    def _check_names(self, params: dict[str, torch.Tensor]) -> None:
+        if params.keys() != self.shadow.keys():
+            missing = sorted(self.shadow.keys() - params.keys())[:3]
+            extra = sorted(params.keys() - self.shadow.keys())[:3]
+            raise ValueError(f"the model's trainable parameters do not match the EMA's (missing {missing}, "
+                             f"unexpected {extra}); build the EMA from the same model.")
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        """Fold the current weights in; ``step`` is the optimizer step that produced them."""
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self._check_names(params)
+        follow = step < self.start_step
+        for name, p in params.items():
+            shadow = self._aligned(name, p)
+            if follow:
+                shadow.copy_(p.detach())
+            else:
+                shadow.lerp_(p.detach().float(), 1.0 - self.decay)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self._check_names(params)
+        for name, p in params.items():
+            p.copy_(self._aligned(name, p).to(p.dtype))
+
+    @contextmanager
+    def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Inside the block the model carries the EMA weights; the live weights come back afterwards, even on error."""
+        live = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if name in live:
+                        p.copy_(live[name])
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "start_step": self.start_step, "num_updates": self.num_updates,
+                "shadow": {name: t.detach().cpu() for name, t in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        names = state["shadow"].keys()
+        if names != self.shadow.keys():
+            missing = sorted(self.shadow.keys() - names)[:3]
+            extra = sorted(names - self.shadow.keys())[:3]
+            raise ValueError(f"the EMA state does not match the model (missing {missing}, unexpected {extra}); "
+                             "it was saved for a different model.")
+        for name, t in state["shadow"].items():
+            if t.shape != self.shadow[name].shape:
+                raise ValueError(f"EMA entry {name} has shape {tuple(t.shape)} but the model's parameter has "
+                                 f"{tuple(self.shadow[name].shape)}; it was saved for a different model size.")
+        self.decay = float(state["decay"])
+        self.start_step = int(state["start_step"])
+        self.num_updates = int(state["num_updates"])
+        for name, t in state["shadow"].items():
+            self.shadow[name] = t.float().to(self.shadow[name].device)

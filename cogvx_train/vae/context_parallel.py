@@ -1,0 +1,170 @@
+"""Temporal context parallelism for the causal VAE (the paper's A2 stage: 161-frame clips over several ranks).
+
+The frames of one clip are split over the ranks of a process group in rank order. The model then runs on each
+rank's slice and computes exactly what one process would compute on the whole clip:
+
+* every causal conv receives the previous rank's last k-1 input frames (rank 0 pads with copies of frame 0) and
+  sends its own to the next rank; the backward pass sends the halo's gradient back (:func:`exchange_front_halo`);
+* only rank 0 holds frame 0, so only rank 0 keeps it apart in temporal down/up-sampling;
+* GroupNorm statistics that span the whole clip (``encoder_norm_window`` / ``decoder_norm_window`` = None) are
+  all-reduced over the group with an autograd-aware all-reduce; per-window statistics need no communication,
+  because the split puts rank boundaries on window boundaries.
+
+Frame split rule. With temporal compression 4 a clip has T = 1 + 4K frames, i.e. frame 0 and K groups of 4.
+Rank 0 gets frame 0 plus m_0 groups (1 + 4 m_0 frames), rank r > 0 gets m_r groups (4 m_r frames), m_r >= 1;
+the K groups are shared out as evenly as possible, earlier ranks taking the remainder. Each rank's latent slice
+is then 1 + m_0 (rank 0) or m_r latent frames, and every temporal downsample pairs frames of one rank only.
+With per-window GroupNorm each m_r (but the last rank's) must be a multiple of window/4.
+
+Parameter gradients computed on each rank are that rank's share; summing them over the group
+(:func:`all_reduce_grads`) gives the single-process gradient of the summed loss. A loss that averages over
+frames must divide by the global frame count, not the local one.
+
+Usage::
+
+    with context_parallel(vae, group):
+        x_local = split_frames_for_rank(x, rank, world)
+        recon_local, posterior_local = vae(x_local)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
+
+class _FrontHalo(torch.autograd.Function):
+    """Front padding for a causal conv under context parallelism.
+
+    Forward: rank r sends its last ``num`` frames to rank r+1 and returns what rank r-1 sent (rank 0 returns
+    ``num`` copies of its frame 0). Backward: the halo's gradient goes back to the rank that sent it and is added
+    to the gradient of that rank's last frames.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, num: int, group) -> torch.Tensor:
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        ctx.num, ctx.group, ctx.shape = num, group, x.shape
+        requests = []
+        if rank < world - 1:
+            tail = x[:, :, -num:].contiguous()
+            requests.append(dist.isend(tail, dist.get_global_rank(group, rank + 1), group=group))
+        if rank > 0:
+            halo = x.new_empty(x.shape[0], x.shape[1], num, x.shape[3], x.shape[4])
+            requests.append(dist.irecv(halo, dist.get_global_rank(group, rank - 1), group=group))
+        else:
+            halo = x[:, :, :1].expand(-1, -1, num, -1, -1).contiguous()
+        for request in requests:
+            request.wait()
+        return halo
+
+    @staticmethod
+    def backward(ctx, grad_halo: torch.Tensor):
+        rank, world = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        num = ctx.num
+        grad_x = grad_halo.new_zeros(ctx.shape)
+        requests = []
+        if rank > 0:
+            requests.append(dist.isend(grad_halo.contiguous(), dist.get_global_rank(ctx.group, rank - 1), group=ctx.group))
+        else:
+            grad_x[:, :, :1] += grad_halo.sum(dim=2, keepdim=True)  # the replicated frame 0
+        grad_tail = None
+        if rank < world - 1:
+            grad_tail = grad_halo.new_empty(grad_x[:, :, -num:].shape)
+            requests.append(dist.irecv(grad_tail, dist.get_global_rank(ctx.group, rank + 1), group=ctx.group))
+        for request in requests:
+            request.wait()
+        if grad_tail is not None:
+            grad_x[:, :, -num:] += grad_tail
+        return grad_x, None, None
+
+
+def exchange_front_halo(x: torch.Tensor, num: int, group) -> torch.Tensor:
+    """The ``num`` frames before this rank's ``x`` ([B, C, num, H, W]); differentiable. Called by every rank."""
+    if x.shape[2] < num:
+        raise ValueError(
+            f"A context-parallel slice has {x.shape[2]} frames at a layer whose causal conv needs {num}; "
+            "give each rank more frames."
+        )
+    return _FrontHalo.apply(x, num, group)
+
+
+def all_reduce_sum(t: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable sum over the group (the backward sums the gradients too)."""
+    return dist_fn.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+def frame_split_sizes(
+    num_frames: int, world: int, time_compression: int = 4, window: int | None = None
+) -> list[int]:
+    """Frames per rank for a clip of ``num_frames`` = 1 + time_compression * K (see the module docstring)."""
+    if world < 1:
+        raise ValueError(f"world size must be >= 1, got {world}.")
+    groups, rest = divmod(num_frames - 1, time_compression)
+    if num_frames < 1 or rest != 0:
+        raise ValueError(
+            f"A context-parallel clip needs 1 + {time_compression}k frames, got {num_frames} "
+            f"(e.g. {num_frames - rest} or {num_frames - rest + time_compression})."
+        )
+    unit = 1 if window is None else window // time_compression
+    if window is not None and (window % time_compression != 0 or unit == 0):
+        raise ValueError(f"GroupNorm window {window} must be a multiple of the time compression {time_compression}.")
+    units, tail = divmod(groups, unit)  # whole windows, plus a partial window that goes to the last rank
+    per_rank = [units // world + (r < units % world) for r in range(world)]
+    sizes = [n * unit * time_compression for n in per_rank]
+    sizes[-1] += tail * time_compression
+    if any(size == 0 for size in sizes):
+        raise ValueError(
+            f"{num_frames} frames cannot be split over {world} ranks so that each rank gets at least "
+            f"{unit * time_compression} frames; use fewer ranks or a longer clip."
+        )
+    sizes[0] += 1
+    return sizes
+
+
+def split_frames_for_rank(
+    x: torch.Tensor, rank: int, world: int, time_compression: int = 4, window: int | None = None
+) -> torch.Tensor:
+    """This rank's consecutive slice of ``x`` [B, C, T, H, W] along T, following :func:`frame_split_sizes`.
+
+    For latents pass ``time_compression=1`` (and the decoder's window).
+    """
+    sizes = frame_split_sizes(x.shape[2], world, time_compression, window)
+    start = sum(sizes[:rank])
+    return x[:, :, start : start + sizes[rank]]
+
+
+def gather_frames(x_local: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate every rank's slice along T in rank order (not differentiable; for inspection and tests)."""
+    world = dist.get_world_size(group)
+    length = torch.tensor([x_local.shape[2]], dtype=torch.long)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length, group=group)
+    longest = int(max(lengths).item())
+    padded = x_local.new_zeros(*x_local.shape[:2], longest, *x_local.shape[3:])
+    padded[:, :, : x_local.shape[2]] = x_local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:, :, : int(n.item())] for part, n in zip(parts, lengths)], dim=2)
+
+
+def all_reduce_grads(module: nn.Module, group) -> None:
+    """Sum every parameter gradient over the context-parallel group (each rank holds its frames' share)."""
+    for param in module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, op=dist.ReduceOp.SUM, group=group)
+
+
+@contextlib.contextmanager
+def context_parallel(vae, group) -> Iterator[None]:
+    """Run ``vae`` on this rank's slice of each clip inside the block (see the module docstring)."""
+    vae.enable_context_parallel(group)
+    try:
+        yield
+    finally:
+        vae.disable_context_parallel()
