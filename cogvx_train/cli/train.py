@@ -81,6 +81,41 @@ def precheck(argv: list[str]) -> None:
                                   f"(or add {key}/{v}.yaml to a directory given with --config-dir).")
     if "stage" not in chosen and "hydra/help" not in chosen:
         raise ConfigError(f"no stage is selected; add stage=<name>, one of: {', '.join(_options('stage', dirs))}.")
+    if not multirun:
+        _compose_or_explain([o for o in overrides if not o.startswith("hydra.")], dirs)
+
+
+def _compose_or_explain(overrides: list[str], dirs: list[Path]) -> None:
+    """Compose once so that a typo in a key (data.num_frame=17) gets one sentence instead of Hydra's report."""
+    import difflib
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    extra = [f"hydra.searchpath=[{','.join('file://' + str(d) for d in dirs[1:])}]"] if len(dirs) > 1 else []
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides + extra)
+    except Exception as err:  # noqa: BLE001 - Hydra/OmegaConf raise several types for the same user mistake
+        message = str(err).strip().splitlines()[0]
+        key = next((o.split("=", 1)[0].lstrip("+~") for o in overrides if f"'{o.split('=', 1)[0]}'" in message
+                    or o.split("=", 1)[0].rpartition(".")[2] in message), None)
+        hint = ""
+        if key and "." in key:
+            parent, _, leaf = key.rpartition(".")
+            try:
+                with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+                    base = compose(config_name="train", overrides=[o for o in overrides if not o.startswith(key)])
+                node = OmegaConf.select(base, parent)
+                close = difflib.get_close_matches(leaf, list(node.keys()) if node is not None else [], n=1)
+                hint = f" Did you mean {parent}.{close[0]}?" if close else ""
+            except Exception:  # noqa: BLE001
+                pass
+        raise ConfigError(f"the command line does not compose: {message}{hint}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    del cfg
 
 
 def train(cfg: DictConfig, run=None) -> dict:
@@ -97,6 +132,13 @@ def train(cfg: DictConfig, run=None) -> dict:
     if run.finished() and not cfg.resume:
         log.info("trial %s already finished; skipping (delete %s to redo it)", run.path, run.done_marker)
         return run.final_metrics()
+    if cfg.task == "curriculum":
+        from hydra.core.hydra_config import HydraConfig
+
+        from cogvx_train.train.curriculum import run_curriculum
+
+        run.write_config(cfg, derived, argv=sys.argv)
+        return run_curriculum(cfg, run, list(HydraConfig.get().overrides.task))
     ckpt_path = factory.resume_checkpoint(cfg, run)               # refuses changes outside the whitelist
     run.write_config(cfg, derived, argv=sys.argv)
     factory.seed_everything(cfg.seed)

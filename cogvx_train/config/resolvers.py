@@ -17,6 +17,9 @@ def run_dir(output_dir: str, stage_name: str, resume: str | None) -> str:
         if path.is_file():
             path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return str(path)
+    if stage_name.startswith("curriculum"):
+        # deterministic, so re-running the same curriculum command finds its finished and interrupted stages
+        return str(Path(output_dir) / "curricula" / stage_name)
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     return str(Path(output_dir) / "runs" / stage_name / stamp)
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cogvx_train.config.errors import ConfigError
 
-TASKS = ("vae", "dit")
+TASKS = ("vae", "dit", "curriculum")
 ATTENTIONS = ("full", "spatial_temporal")
 POSITIONS = ("rope3d", "sincos3d")
 TEXT_FUSIONS = ("expert_adaln", "shared_adaln", "expert_ffn", "mmdit")
@@ -89,7 +89,7 @@ def _positive(cfg: DictConfig, key: str, errors: list[str], allow_zero: bool = F
     if not ok:
         kind = "integer" if integer else "number"
         bound = "≥ 0" if allow_zero else "> 0"
-        errors.append(f"{key}={value!r} must be a {kind} {bound}.")
+        errors.append(f"{key}={value!r} must be {"an" if integer else "a"} {kind} {bound}.")
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
@@ -103,6 +103,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             errors.append(f"stage {cfg.stage_name} starts from the previous stage's weights; add {key}=<checkpoint "
                           "or run directory of that stage>.")
     task = cfg.task
+    if task == "curriculum":
+        stages = list(OmegaConf.select(cfg, "curriculum.stages") or [])
+        from importlib.resources import files
+
+        known = {p.name.removesuffix(".yaml") for p in (files("cogvx_train.conf") / "stage").iterdir()}
+        bad = [s for s in stages if s not in known or s.startswith("curriculum")]
+        if not stages or bad:
+            raise ConfigError(f"curriculum.stages={stages} must be a non-empty list of stages, e.g. "
+                              "[dit_b1,dit_b2]; unknown: " + ", ".join(map(str, bad or ["(empty list)"])) + ".")
+        return
     if task not in TASKS:
         errors.append(f"task={task!r} is not one of {', '.join(TASKS)}.")
 
@@ -207,6 +217,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 
 def derive(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
     """Values that follow from the config, computed once, logged and saved with the run's config."""
+    if cfg.task == "curriculum":
+        return {"stages": list(cfg.curriculum.stages)}
     d = cfg.data
     latent_frames = (d.num_frames - 1) // 4 + 1
     buckets = []

@@ -1,0 +1,168 @@
+"""Attention of the expert transformer: joint full 3D attention, or 2D spatial + 1D temporal attention.
+
+Per block: q, k, v = [text'; vision'] W_qkv (one matmul), per-head LayerNorm on q and k (eps 1e-6),
+3D RoPE on the vision part of q and k, softmax(q k^T / sqrt(64)) v through SDPA, output projection.
+
+`spatial_temporal` (the paper's 2D+1D ablation) alternates the token grouping block by block, with the same
+weights as full attention:
+  * spatial blocks (even index): each latent frame attends within itself, together with the text. Every frame's
+    sequence is [text; frame t], so vision is conditioned on the prompt in every frame; a text query gets one
+    answer per frame, and the text update is their mean over frames.
+  * temporal blocks (odd index): each spatial location attends over time ([B*h*w] sequences of T tokens); text
+    tokens attend only among themselves there (joining the prompt to every location's sequence would cost
+    h*w times the text length per block).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cogvx_train.dit.expert_adaln import segments
+from cogvx_train.dit.rope3d import rotate_pairs_
+
+ATTENTION_MODES = ("full", "spatial_temporal")
+
+
+class _QKNormRoPE(torch.autograd.Function):
+    """Per-head LayerNorm on q and k, then RoPE on the vision tokens.
+
+    Saves only its inputs (views of the qkv projection, which SDPA keeps alive for v anyway) and the LN
+    statistics; the normalised / rotated tensors are recomputed or inverted in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, w_q, b_q, w_k, b_k, cos_half, sin_half, text_len: int, eps: float):
+        outs, stats = [], []
+        with torch.autocast(q.device.type, enabled=False):
+            for x, w, b in ((q, w_q, b_q), (k, w_k, b_k)):
+                y, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], None, None, eps)  # [B, S, H, hd]
+                for (seg, wm), (_, bm) in zip(segments(y, w[None], text_len), segments(y, b[None], text_len)):
+                    seg.mul_(wm.to(y.dtype)).add_(bm.to(y.dtype))
+                if cos_half is not None:
+                    rotate_pairs_(y[:, text_len:], cos_half.to(y.dtype), sin_half.to(y.dtype))
+                outs.append(y)
+                stats += [mean, rstd]
+        ctx.save_for_backward(q, k, w_q, w_k, *stats, cos_half, sin_half)
+        ctx.text_len = text_len
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        q, k, w_q, w_k, mean_q, rstd_q, mean_k, rstd_k, cos_half, sin_half = ctx.saved_tensors
+        text_len = ctx.text_len
+        grads = []
+        for x, w, mean, rstd, g in ((q, w_q, mean_q, rstd_q, grad_q), (k, w_k, mean_k, rstd_k, grad_k)):
+            g = g.clone(memory_format=torch.contiguous_format)
+            if cos_half is not None:
+                rotate_pairs_(g[:, text_len:], cos_half.to(g.dtype), sin_half.to(g.dtype), inverse=True)
+            x_hat = (x - mean) * rstd
+            grad_w = torch.empty_like(w, dtype=torch.float32)
+            grad_b = torch.empty_like(w, dtype=torch.float32)
+            for m, ((gs, wm), (xs, _)) in enumerate(zip(segments(g, w[None], text_len),
+                                                        segments(x_hat, w[None], text_len))):
+                grad_w[m] = (gs * xs).sum((0, 1, 2), dtype=torch.float32)
+                grad_b[m] = gs.sum((0, 1, 2), dtype=torch.float32)
+                gs.mul_(wm[0].to(gs.dtype))
+            grad_x = torch.ops.aten.native_layer_norm_backward(
+                g, x, [x.shape[-1]], mean, rstd, None, None, [True, False, False])[0]
+            grads += [grad_x, grad_w.to(w.dtype), grad_b.to(w.dtype)]
+        grad_x_q, grad_w_q, grad_b_q, grad_x_k, grad_w_k, grad_b_k = grads
+        return grad_x_q, grad_x_k, grad_w_q, grad_b_q, grad_w_k, grad_b_k, None, None, None, None
+
+
+def qk_norm_rope(q, k, w_q, b_q, w_k, b_k, rope, text_len: int, eps: float = 1e-6):
+    """q, k [B, S, H, hd] -> normalised (and vision-rotated) q, k [B, S, H, hd].
+
+    Norm weights are [M, hd] rows (vision, text) or [1, hd]; rope is (cos_half, sin_half) [N, 1, hd/2] or None.
+    """
+    cos_half, sin_half = rope if rope is not None else (None, None)
+    return _QKNormRoPE.apply(q, k, w_q, b_q, w_k, b_k, cos_half, sin_half, text_len, eps)
+
+
+def _sdpa(q, k, v):
+    """[batch, S, H, hd] inputs -> [batch, S, H, hd] (SDPA wants heads before tokens)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def spatial_attention(q, k, v, text_len: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Every frame attends to [text; its own tokens]. [B, S, H, hd] -> [B, S, H, hd]."""
+    b, _, heads, hd = q.shape
+    t, h, w = grid
+
+    def per_frame(x):  # [B, L+N, H, hd] -> [B*T, L+h*w, H, hd]
+        text = x[:, :text_len, None].expand(b, text_len, t, heads, hd).transpose(1, 2)  # [B, T, L, H, hd]
+        vision = x[:, text_len:].unflatten(1, (t, h * w))  # [B, T, h*w, H, hd]
+        return torch.cat([text, vision], dim=2).flatten(0, 1)
+
+    out = _sdpa(per_frame(q), per_frame(k), per_frame(v)).unflatten(0, (b, t))  # [B, T, L+h*w, H, hd]
+    text_out = out[:, :, :text_len].mean(dim=1)  # [B, L, H, hd]: one answer per frame, averaged
+    return torch.cat([text_out, out[:, :, text_len:].flatten(1, 2)], dim=1)
+
+
+def temporal_attention(q, k, v, text_len: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Every spatial location attends over time; text attends to text. [B, S, H, hd] -> [B, S, H, hd]."""
+    b, _, heads, hd = q.shape
+    t, h, w = grid
+
+    def per_location(x):  # [B, L+N, H, hd] -> [B*h*w, T, H, hd]
+        return x[:, text_len:].unflatten(1, (t, h * w)).transpose(1, 2).flatten(0, 1)
+
+    vision = _sdpa(per_location(q), per_location(k), per_location(v))  # [B*h*w, T, H, hd]
+    vision = vision.unflatten(0, (b, h * w)).transpose(1, 2).flatten(1, 2)  # [B, N, H, hd]
+    text = _sdpa(q[:, :text_len], k[:, :text_len], v[:, :text_len])  # [B, L, H, hd]
+    return torch.cat([text, vision], dim=1)
+
+
+class JointAttention(nn.Module):
+    """attn1 of a block. separate_text=True (the `mmdit` ablation) gives text tokens their own q/k/v/out
+    projections and q/k norms (`*_text`); attention itself stays joint."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, separate_text: bool = False):
+        super().__init__()
+        if hidden_size != num_heads * head_dim:
+            raise ValueError(f"hidden size {hidden_size} must equal num_heads * head_dim = {num_heads * head_dim}")
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(hidden_size, hidden_size) for _ in range(4))
+        self.norm_q, self.norm_k = nn.LayerNorm(head_dim, eps=1e-6), nn.LayerNorm(head_dim, eps=1e-6)
+        self.separate_text = separate_text
+        if separate_text:
+            self.to_q_text, self.to_k_text, self.to_v_text, self.to_out_text = (
+                nn.Linear(hidden_size, hidden_size) for _ in range(4))
+            self.norm_q_text, self.norm_k_text = nn.LayerNorm(head_dim, eps=1e-6), nn.LayerNorm(head_dim, eps=1e-6)
+
+    def _qkv_weights(self, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """[3D, D] weight and [3D] bias: one matmul instead of three."""
+        projs = [getattr(self, f"to_{n}{suffix}") for n in "qkv"]
+        return torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs])
+
+    def _norm_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """[M, hd] LayerNorm weight and bias rows (vision, text)."""
+        norms = [getattr(self, name)] + ([getattr(self, name + "_text")] if self.separate_text else [])
+        return torch.stack([n.weight for n in norms]), torch.stack([n.bias for n in norms])
+
+    def forward(self, h: torch.Tensor, text_len: int, grid: tuple[int, int, int], rope, mode: str) -> torch.Tensor:
+        """h [B, L+N, D] -> attention output [B, L+N, D]; mode is "full", "spatial" or "temporal"."""
+        b, s, d = h.shape
+        if self.separate_text:
+            qkv = torch.cat([F.linear(h[:, :text_len], *self._qkv_weights("_text")),
+                             F.linear(h[:, text_len:], *self._qkv_weights())], dim=1)
+        else:
+            qkv = F.linear(h, *self._qkv_weights())  # [B, S, 3D]
+        q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_dim).unbind(2)  # each [B, S, H, hd]
+        q, k = qk_norm_rope(q, k, *self._norm_rows("norm_q"), *self._norm_rows("norm_k"), rope, text_len,
+                            self.norm_q.eps)
+        if mode == "full":
+            out = _sdpa(q, k, v)
+        elif mode == "spatial":
+            out = spatial_attention(q, k, v, text_len, grid)
+        elif mode == "temporal":
+            out = temporal_attention(q, k, v, text_len, grid)
+        else:
+            raise ValueError(f"attention mode must be 'full', 'spatial' or 'temporal', got {mode!r}")
+        out = out.reshape(b, s, d)  # [B, S, H*hd]
+        if self.separate_text:
+            return torch.cat([self.to_out_text(out[:, :text_len]), self.to_out(out[:, text_len:])], dim=1)
+        return self.to_out(out)

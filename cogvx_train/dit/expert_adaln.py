@@ -1,0 +1,157 @@
+"""Expert adaptive LayerNorm: one LayerNorm, per-modality (shift, scale, gate) from the timestep embedding.
+
+The transformer keeps text and vision in one sequence x = [text (L tokens); vision (N tokens)]. Modulation tensors
+have shape [B, M, D]: M = 2 rows in the released checkpoints' order (row 0 vision, row 1 text) for the expert
+variants, M = 1 when both modalities share one modulation (the `shared_adaln` ablation).
+
+    h = LN(x) * (1 + scale_m) + shift_m            (m = modality of the token)
+    x = x + gate_m * sublayer(h)
+
+Both equations run as small autograd Functions so that backward keeps only what it cannot cheaply recompute:
+the modulated LayerNorm saves its input (the residual stream) and recomputes the normalised tensor, and the gated
+residual saves the sub-layer output. autograd would also save LN(x) and the modulated copy.
+The LayerNorm's own affine (w, b) is folded into the modulation on the small [B, M, D] tensors:
+LN(x)*w + b then *(1+s) + t  ==  x_hat * (w (1+s)) + (b (1+s) + t).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def plain_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a fused op computes in: autocast's dtype when autocast is on for x's device, else x's dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def segments(x: torch.Tensor, rows: torch.Tensor, text_len: int):
+    """Pair token segments of x [B, S, ...] with their modulation rows [B, M, ...] (M=2: row 0 vision, 1 text)."""
+    if rows.shape[1] == 1:
+        return [(x, rows)]
+    return [(x[:, text_len:], rows[:, 0:1]), (x[:, :text_len], rows[:, 1:2])]
+
+
+class _ModulatedLayerNorm(torch.autograd.Function):
+    """h = x_hat * scale_m + shift_m (x_hat = LN(x) without affine); saves x, mean and rstd only."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, text_len: int, eps: float):
+        with torch.autocast(x.device.type, enabled=False):
+            h, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], None, None, eps)
+            for (seg, sc), (_, sh) in zip(segments(h, scale, text_len), segments(h, shift, text_len)):
+                seg.mul_(sc.to(h.dtype)).add_(sh.to(h.dtype))
+        ctx.save_for_backward(x, mean, rstd, scale)
+        ctx.text_len = text_len
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, mean, rstd, scale = ctx.saved_tensors
+        text_len = ctx.text_len
+        x_hat = (x - mean) * rstd  # recomputed [B, S, D]
+        grad_scale = torch.empty_like(scale, dtype=torch.float32)
+        grad_shift = torch.empty_like(scale, dtype=torch.float32)
+        grad_x_hat = torch.empty_like(grad_h)
+        for m, ((g, _), (xh, _), (gx, _)) in enumerate(
+            zip(segments(grad_h, scale, text_len), segments(x_hat, scale, text_len),
+                segments(grad_x_hat, scale, text_len))):
+            grad_scale[:, m] = (g * xh).sum(1, dtype=torch.float32)
+            grad_shift[:, m] = g.sum(1, dtype=torch.float32)
+            torch.mul(g, scale[:, m:m + 1].to(g.dtype), out=gx)
+        grad_x = torch.ops.aten.native_layer_norm_backward(
+            grad_x_hat, x, [x.shape[-1]], mean, rstd, None, None, [True, False, False])[0]
+        return grad_x, grad_scale.to(scale.dtype), grad_shift.to(scale.dtype), None, None
+
+
+class _GatedResidual(torch.autograd.Function):
+    """x + gate_m * update; saves update and gate (the residual needs nothing)."""
+
+    @staticmethod
+    def forward(ctx, x, update, gate, text_len: int):
+        out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, update.dtype))
+        with torch.autocast(x.device.type, enabled=False):
+            for (xs, g), (us, _), (os_, _) in zip(segments(x, gate, text_len), segments(update, gate, text_len),
+                                                  segments(out, gate, text_len)):
+                torch.addcmul(xs, us, g.to(us.dtype), out=os_)
+        ctx.save_for_backward(update, gate)
+        ctx.text_len, ctx.x_dtype = text_len, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        update, gate = ctx.saved_tensors
+        grad_update = torch.empty_like(update)
+        grad_gate = torch.empty_like(gate, dtype=torch.float32)
+        for m, ((g, gt), (u, _), (gu, _)) in enumerate(
+            zip(segments(grad_out, gate, ctx.text_len), segments(update, gate, ctx.text_len),
+                segments(grad_update, gate, ctx.text_len))):
+            torch.mul(g, gt.to(g.dtype), out=gu)
+            grad_gate[:, m] = (g * u).sum(1, dtype=torch.float32)
+        return grad_out.to(ctx.x_dtype), grad_update, grad_gate.to(gate.dtype), None
+
+
+def modulated_layer_norm(x, scale, shift, text_len: int, eps: float) -> torch.Tensor:
+    """LN(x) (no affine) * scale_m + shift_m for x [B, S, D] and rows [B, M, D]."""
+    return _ModulatedLayerNorm.apply(x, scale, shift, text_len, eps)
+
+
+def gated_residual(x, update, gate, text_len: int) -> torch.Tensor:
+    """x + gate_m * update for x, update [B, S, D] and gate rows [B, M, D]."""
+    return _GatedResidual.apply(x, update, gate, text_len)
+
+
+class ExpertAdaLN(nn.Module):
+    """norm1 / norm2 of a block: Linear(E -> 3*M*D)(SiLU(temb)) -> (shift, scale, gate) per modality.
+
+    experts=False is the `shared_adaln` ablation (one modulation for both modalities); separate_norms=True
+    (the `mmdit` ablation) gives the text tokens their own LayerNorm affine `norm_text`.
+    """
+
+    def __init__(self, time_embed_dim: int, hidden_size: int, eps: float, experts: bool = True,
+                 separate_norms: bool = False):
+        super().__init__()
+        if separate_norms and not experts:
+            raise ValueError("separate per-modality LayerNorms need per-modality (expert) modulation")
+        self.num_rows = 2 if experts else 1
+        self.eps = eps
+        self.linear = nn.Linear(time_embed_dim, 3 * self.num_rows * hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps)
+        self.norm_text = nn.LayerNorm(hidden_size, eps) if separate_norms else None
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, D], SiLU(temb) [B, E] -> (modulated h [B, S, D], gate rows [B, M, D])."""
+        mod = self.linear(temb_act).unflatten(1, (self.num_rows, 3, -1))  # [B, M, 3, D]
+        shift, scale, gate = mod.unbind(2)  # each [B, M, D]
+        weight, bias = self.norm.weight, self.norm.bias
+        if self.norm_text is not None:
+            weight = torch.stack([weight, self.norm_text.weight])  # [2, D] rows (vision, text)
+            bias = torch.stack([bias, self.norm_text.bias])
+        scale_eff = weight * (1 + scale)  # LN affine folded into the modulation
+        shift_eff = torch.addcmul(shift, bias, 1 + scale)
+        return modulated_layer_norm(x, scale_eff, shift_eff, text_len, self.eps), gate
+
+
+class FinalAdaLN(nn.Module):
+    """norm_out: LN(x) * (1 + scale) + shift on the vision tokens, (shift, scale) = Linear(E -> 2D)(SiLU(temb))."""
+
+    def __init__(self, time_embed_dim: int, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(time_embed_dim, 2 * hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.linear(temb_act)[:, None].chunk(2, dim=-1)  # [B, 1, D] each
+        scale_eff = self.norm.weight * (1 + scale)
+        shift_eff = torch.addcmul(shift, self.norm.bias, 1 + scale)
+        return modulated_layer_norm(x, scale_eff, shift_eff, 0, self.eps)
+
+
+def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """Plain LayerNorm through the functional op (no module hooks on the hot path)."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)

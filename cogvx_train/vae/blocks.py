@@ -1,0 +1,260 @@
+"""Building blocks of the causal VAE: GroupNorm with frame windows, SpatialNorm, ResNet block, down/up-sampling.
+
+GroupNorm statistics and chunking. GroupNorm normalises over (C/G, T, H, W), so its statistics depend on which
+frames share a forward pass. ``window`` fixes that set by design, independently of how a clip is chunked:
+
+* ``window=None``: one set of statistics for the whole clip (the paper's A2 training and SAT's one-pass encode).
+  A context-parallel run all-reduces them over the group, so it equals one process. Chunked streaming cannot
+  reproduce them in bounded memory (every layer's statistics need the whole clip before any chunk can go on),
+  so the VAE refuses to stream such a model.
+* ``window=n`` (frames at this layer): statistics per window of frames, the first window being frame 0 plus n
+  frames, then n frames each (the last may be shorter). This is exactly what diffusers' AutoencoderKLCogVideoX
+  does by default with released weights (8 input frames per encoder batch, 2 latent frames per decoder batch,
+  first batch one frame longer), written as a property of the model: a single pass and any chunking whose
+  chunks hold whole windows compute the same numbers, and memory stays bounded.
+
+Every norm here is followed by SiLU; both norms return ``x * scale + shift`` with per-frame coefficients so the
+windowed, context-parallel and spatially-conditioned cases share one code path (:func:`group_norm_affine`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cogvx_train.vae.causal_conv import CausalConv3d, FrameContext
+from cogvx_train.vae.context_parallel import all_reduce_sum
+
+import torch.distributed as dist
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU, in place when no gradient flows (the norm output it overwrites is not needed again)."""
+    return F.silu(x, inplace=not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def window_bounds(num_frames: int, window: int | None, has_first_frame: bool) -> list[tuple[int, int]]:
+    """[start, end) of each GroupNorm window in a call of ``num_frames`` frames."""
+    if window is None:
+        return [(0, num_frames)]
+    bounds, start = [], 0
+    if has_first_frame:
+        start = min(1 + window, num_frames)
+        bounds.append((0, start))
+    while start < num_frames:
+        bounds.append((start, min(start + window, num_frames)))
+        start = bounds[-1][1]
+    return bounds
+
+
+def _window_stats(x: torch.Tensor, groups: int, bounds, ctx: FrameContext, whole_clip: bool):
+    """Per-window mean and biased variance, [B, G, num_windows] (fp32)."""
+    batch, channels = x.shape[:2]
+    means, variances, counts = [], [], []
+    for start, end in bounds:
+        part = x[:, :, start:end]
+        part = part.reshape(batch, groups, channels // groups, -1)  # [B, G, C/G, L*H*W]
+        var, mean = torch.var_mean(part.float(), dim=(2, 3), correction=0)
+        means.append(mean)
+        variances.append(var)
+        counts.append(part.shape[2] * part.shape[3])
+    mean, var = torch.stack(means, -1), torch.stack(variances, -1)
+    if whole_clip and ctx.group is not None:
+        # Combine (count, mean, var) of every rank: global mean first, then the within + between variance.
+        count = torch.tensor([float(counts[0])], dtype=torch.float64)
+        dist.all_reduce(count, group=ctx.group)
+        total = float(count.item())
+        mean_all = all_reduce_sum(mean * (counts[0] / total), ctx.group)
+        var = all_reduce_sum((var + (mean - mean_all) ** 2) * (counts[0] / total), ctx.group)
+        mean = mean_all
+    return mean, var
+
+
+def group_norm_affine(
+    x: torch.Tensor, norm: nn.GroupNorm, window: int | None, ctx: FrameContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients with ``norm(x) == x * scale + shift``; both [B, C, T or 1, 1, 1] in x's dtype."""
+    batch, channels, frames = x.shape[:3]
+    groups = norm.num_groups
+    bounds = window_bounds(frames, window, ctx.has_first_frame)
+    mean, var = _window_stats(x, groups, bounds, ctx, whole_clip=window is None)
+    rstd = torch.rsqrt(var + norm.eps)  # [B, G, nw]
+    if len(bounds) > 1:  # one coefficient per frame: repeat each window's over its frames
+        lengths = torch.tensor([end - start for start, end in bounds], device=x.device)
+        rstd, mean = rstd.repeat_interleave(lengths, dim=-1), mean.repeat_interleave(lengths, dim=-1)
+    per_group = channels // groups
+    rstd = rstd.repeat_interleave(per_group, dim=1)  # [B, C, T or 1]
+    mean = mean.repeat_interleave(per_group, dim=1)
+    scale = rstd * norm.weight.float()[None, :, None]
+    shift = norm.bias.float()[None, :, None] - mean * scale
+    return scale[..., None, None].to(x.dtype), shift[..., None, None].to(x.dtype)
+
+
+class GroupNorm3d(nn.GroupNorm):
+    """GroupNorm over (C/G, T, H, W) with statistics per frame window or over the whole clip (module docstring).
+
+    Subclasses nn.GroupNorm so the parameters keep the names ``weight`` and ``bias``.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float, window: int | None):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.window = window
+
+    def forward(self, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+        single_window = self.window is None or x.shape[2] <= self.window + int(ctx.has_first_frame)
+        if single_window and (ctx.group is None or self.window is not None):
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        scale, shift = group_norm_affine(x, self, self.window, ctx)
+        return torch.addcmul(shift, x, scale)
+
+
+def _fine_view(t: torch.Tensor, frames: int, size: int) -> torch.Tensor:
+    """View a fine [B, C, t*frames, h*size, w*size] tensor as [B, C, t, frames, h, size, w, size]."""
+    b, c, tt, hh, ww = t.shape
+    return t.view(b, c, tt // frames, frames, hh // size, size, ww // size, size)
+
+
+def _coarse_view(t: torch.Tensor) -> torch.Tensor:
+    """[B, C, t, h, w] -> [B, C, t, 1, h, 1, w, 1]: nearest upsampling as a broadcast, without a copy."""
+    return t[:, :, :, None, :, None, :, None]
+
+
+def multiply_add_upsampled(f: torch.Tensor, a: torch.Tensor, c: torch.Tensor, has_first_frame: bool) -> torch.Tensor:
+    """``f * up(a) + up(c)``, up = nearest resize of [B, C, Tz, h, w] to f's size with frame 0 kept apart.
+
+    The coarse tensors are broadcast over f's sub-grid, so no upsampled copy of them is ever made.
+    """
+    size = f.shape[-1] // a.shape[-1]
+    parts = []  # (fine part, coarse a, coarse c, temporal factor)
+    if has_first_frame:
+        parts.append((f[:, :, :1], a[:, :, :1], c[:, :, :1], 1))
+        if f.shape[2] > 1:
+            parts.append((f[:, :, 1:], a[:, :, 1:], c[:, :, 1:], (f.shape[2] - 1) // (a.shape[2] - 1)))
+    else:
+        parts.append((f, a, c, f.shape[2] // a.shape[2]))
+    if not (torch.is_grad_enabled() and (f.requires_grad or a.requires_grad)):
+        out = torch.empty_like(f)
+        start = 0
+        for fine, ca, cc, frames in parts:
+            target = _fine_view(out[:, :, start : start + fine.shape[2]], frames, size)
+            torch.addcmul(_coarse_view(cc), _fine_view(fine, frames, size), _coarse_view(ca), out=target)
+            start += fine.shape[2]
+        return out
+    pieces = [
+        torch.addcmul(_coarse_view(cc), _fine_view(fine, frames, size), _coarse_view(ca)).reshape(fine.shape)
+        for fine, ca, cc, frames in parts
+    ]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+
+
+class SpatialNorm3d(nn.Module):
+    """Decoder norm conditioned on the latent z: GroupNorm(f) * conv_y(z) + conv_b(z), z resized nearest to f.
+
+    conv_y and conv_b are 1x1x1, so they commute with the nearest resize: they run at latent resolution and the
+    GroupNorm folds into the same per-position scale and shift, one fused multiply-add over f.
+    """
+
+    def __init__(self, f_channels: int, zq_channels: int, groups: int, eps: float, window: int | None):
+        super().__init__()
+        self.norm_layer = GroupNorm3d(groups, f_channels, eps, window)
+        self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1)
+        self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1)
+
+    def forward(self, f: torch.Tensor, zq: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+        scale, shift = group_norm_affine(f, self.norm_layer, self.norm_layer.window, ctx)  # [B, C, Tf|1, 1, 1]
+        if scale.shape[2] > 1:  # per-frame -> per-latent-frame (windows hold whole latent frames)
+            frames = (f.shape[2] - 1) // max(zq.shape[2] - 1, 1) if ctx.has_first_frame else f.shape[2] // zq.shape[2]
+            first = int(ctx.has_first_frame)
+            index = torch.arange(zq.shape[2], device=f.device)
+            index = torch.where(index < first, index, first + (index - first) * frames)
+            scale, shift = scale[:, :, index], shift[:, :, index]
+        y, b = self.conv_y(zq, ctx), self.conv_b(zq, ctx)  # [B, C, Tz, h, w]
+        return multiply_add_upsampled(f, scale * y, torch.addcmul(b, shift, y), ctx.has_first_frame)
+
+
+class ResnetBlock3d(nn.Module):
+    """x + conv2(silu(norm2(conv1(silu(norm1(x)))))), a 1x1x1 conv on the shortcut when channels change.
+
+    ``zq_channels`` set: the norms are SpatialNorm3d conditioned on the latent (decoder); else GroupNorm3d.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        groups: int,
+        eps: float,
+        window: int | None,
+        zq_channels: int | None = None,
+        factorized: bool = False,
+    ):
+        super().__init__()
+        if zq_channels is None:
+            self.norm1 = GroupNorm3d(groups, in_channels, eps, window)
+            self.norm2 = GroupNorm3d(groups, out_channels, eps, window)
+        else:
+            self.norm1 = SpatialNorm3d(in_channels, zq_channels, groups, eps, window)
+            self.norm2 = SpatialNorm3d(out_channels, zq_channels, groups, eps, window)
+        self.conv1 = CausalConv3d(in_channels, out_channels, 3, factorized)
+        self.conv2 = CausalConv3d(out_channels, out_channels, 3, factorized)
+        self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, ctx: FrameContext) -> torch.Tensor:
+        return norm(x, ctx) if zq is None else norm(x, zq, ctx)
+
+    def forward(self, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(silu(self._norm(self.norm1, x, zq, ctx)), ctx)
+        h = self.conv2(silu(self._norm(self.norm2, h, zq, ctx)), ctx)
+        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return h.add_(shortcut)  # conv backward does not need its output, so in place is safe
+
+
+def downsample_time(x: torch.Tensor, has_first_frame: bool) -> torch.Tensor:
+    """Average pairs of frames, frame 0 (when present) kept as it is: 1 + 2m -> 1 + m, 2m -> m."""
+    rest = x[:, :, 1:] if has_first_frame else x
+    if rest.shape[2] % 2:
+        raise ValueError(f"Temporal downsampling pairs frames, but {rest.shape[2]} frames follow frame 0 here.")
+    pooled = (rest[:, :, 0::2] + rest[:, :, 1::2]) * 0.5
+    return torch.cat([x[:, :, :1], pooled], dim=2) if has_first_frame else pooled
+
+
+class Downsample3d(nn.Module):
+    """Optional temporal 2x (frame 0 apart), then a stride-2 3x3 conv per frame after zero-padding right/bottom."""
+
+    def __init__(self, channels: int, compress_time: bool):
+        super().__init__()
+        self.compress_time = compress_time
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)  # 2D weights, applied to every frame
+
+    def forward(self, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+        if self.compress_time:
+            x = downsample_time(x, ctx.has_first_frame)
+        x = F.pad(x, (0, 1, 0, 1))
+        return F.conv3d(x, self.conv.weight.unsqueeze(2), self.conv.bias, stride=(1, 2, 2))
+
+
+def upsample_nearest(x: torch.Tensor, compress_time: bool, has_first_frame: bool) -> torch.Tensor:
+    """Nearest 2x in H and W, and 2x in T (frame 0 kept single) when ``compress_time``; one write, no cat."""
+    b, c, t, h, w = x.shape
+    single = 1 if has_first_frame else 0  # frames that are not repeated in time
+    single = t if not compress_time else single
+    out = x.new_empty(b, c, single + 2 * (t - single), 2 * h, 2 * w)
+    if single:
+        out[:, :, :single].view(b, c, single, h, 2, w, 2).copy_(x[:, :, :single, :, None, :, None])
+    if t > single:
+        out[:, :, single:].view(b, c, t - single, 2, h, 2, w, 2).copy_(x[:, :, single:, None, :, None, :, None])
+    return out
+
+
+class Upsample3d(nn.Module):
+    """Nearest 2x upsampling (temporal too when ``compress_time``, frame 0 kept single), then a 3x3 conv per frame."""
+
+    def __init__(self, channels: int, compress_time: bool):
+        super().__init__()
+        self.compress_time = compress_time
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+        x = upsample_nearest(x, self.compress_time, ctx.has_first_frame)
+        return F.conv3d(x, self.conv.weight.unsqueeze(2), self.conv.bias, padding=(0, 1, 1))
