@@ -17,7 +17,6 @@ decord and PIL are imported inside the functions that need them, so importing th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,6 +26,10 @@ import numpy as np
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 START_MODES = ("random", "start", "center")
+
+# decord 0.6 returns garbage shapes (and get_batch raises "The size must exactly match") for RGB frames exactly
+# this many pixels wide (found by scanning widths 2..2048); every wider frame is fine.
+_DECORD_BAD_WIDTHS = frozenset({2, 3, 4, 6, 8, 12, 16, 24, 48, 72})
 
 # Guards floor() against t * fps landing a hair below an integer (e.g. 2.9999999 for frame 3).
 _FLOOR_EPS = 1e-6
@@ -168,7 +171,7 @@ def read_image(path: str | Path, draft_hw: Sequence[int] | None = None) -> np.nd
         if draft_hw is not None and img.format == "JPEG":
             img.draft("RGB", (int(draft_hw[1]), int(draft_hw[0])))
         img = ImageOps.exif_transpose(img)
-        rgb = np.asarray(img.convert("RGB"))
+        rgb = np.array(img.convert("RGB"))  # a writable copy (torch refuses read-only buffers)
     return rgb[None]
 
 
@@ -204,11 +207,21 @@ def read_frames(
     import decord
 
     height, width = (int(size[0]), int(size[1])) if size is not None else (-1, -1)
+    if width in _DECORD_BAD_WIDTHS:
+        width += 2  # still covers the target; the crop that follows removes the extra columns
     reader = decord.VideoReader(path, ctx=decord.cpu(0), width=width, height=height, num_threads=num_threads)
     available = len(reader)
     if max(index_list) >= available:
         raise ValueError(f"{path} has {available} frames but frame {max(index_list)} was asked for.")
-    frames = reader.get_batch(index_list).asnumpy()
+    try:
+        frames = reader.get_batch(index_list).asnumpy()
+    except decord.DECORDError as exc:
+        if width != -1 or "must exactly match" not in str(exc):
+            raise
+        native_h, native_w = reader[0].shape[:2]  # a tiny source of a bad width: let FFmpeg widen it by 2 px
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), width=native_w + 2, height=native_h,
+                                    num_threads=num_threads)
+        frames = reader.get_batch(index_list).asnumpy()
     if frames.shape[0] != len(index_list):
         raise ValueError(f"{path}: decoded {frames.shape[0]} frames, expected {len(index_list)}.")
     return frames
@@ -227,6 +240,25 @@ def center_crop_box(src_hw: Sequence[int], target_hw: Sequence[int]) -> tuple[in
     else:  # source is wider (or equal): crop columns
         crop_h, crop_w = src_h, min(src_w, max(1, round(src_h * tw / th)))
     return (src_h - crop_h) // 2, (src_w - crop_w) // 2, crop_h, crop_w
+
+
+def to_unit_range(frames):
+    """uint8 [T, C, H, W] (numpy or torch, any strides) -> contiguous float32 [C, T, H, W], (x - 127.5) / 127.5.
+
+    Frame by frame, so the float data is still in cache for the subtract and divide, into a numpy-allocated buffer
+    (numpy asks the kernel for huge pages, which makes first-touch page faults on ~200 MB per 49x480x720 clip
+    several times cheaper than torch's allocator). Measured ~1.7x faster than one whole-clip permuted copy.
+    """
+    import torch
+
+    x = torch.as_tensor(frames)
+    num_t, channels, height, width = x.shape
+    out = torch.from_numpy(np.empty((channels, num_t, height, width), dtype=np.float32))
+    for t in range(num_t):
+        plane = out[:, t]  # [C, H, W]
+        plane.copy_(x[t])
+        plane.sub_(127.5).div_(127.5)
+    return out
 
 
 def resize_cover_center_crop(frames, size: Sequence[int]):
@@ -250,10 +282,7 @@ def resize_cover_center_crop(frames, size: Sequence[int]):
     x = x.permute(0, 3, 1, 2)  # [T, C, crop_h, crop_w], channels-last in memory
     if (crop_h, crop_w) != (th, tw):
         x = F.interpolate(x, size=(th, tw), mode="bilinear", antialias=True, align_corners=False)
-    num_t, channels = x.shape[0], x.shape[1]
-    out = torch.empty((channels, num_t, th, tw), dtype=torch.float32)
-    out.copy_(x.permute(1, 0, 2, 3))  # [C, T, h, w]: layout change and uint8 -> float in one pass
-    return out.sub_(127.5).div_(127.5)
+    return to_unit_range(x)
 
 
 def load_clip(
@@ -274,8 +303,3 @@ def load_clip(
     frames = read_frames(path, indices, num_threads=num_threads, size=size)
     return resize_cover_center_crop(frames, target_hw)
 
-
-def is_close_multiple(value: float, base: float) -> bool:
-    """True when ``value`` is an integer multiple of ``base`` (used to describe fps ratios in messages)."""
-    ratio = value / base
-    return math.isclose(ratio, round(ratio), abs_tol=1e-9)

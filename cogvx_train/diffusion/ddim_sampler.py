@@ -53,11 +53,10 @@ def guidance_scale_at(
     ((50 - 999) / 50)^5 is about -2.5e6, so the weight oscillates between 1 and 1 + w from step to step rather than
     annealing smoothly; the authors have said this "wave-like" schedule is what they use (THUDM/CogVideo#267).
     """
+    _check_guidance_schedule(guidance_schedule)
     if guidance_schedule == "constant":
         return float(guidance_scale)
-    if guidance_schedule == "dynamic_cosine":
-        return 1 + guidance_scale * ((1 - math.cos(math.pi * ((num_steps - timestep) / num_steps) ** 5.0)) / 2)
-    raise ValueError(f"Unknown guidance_schedule {guidance_schedule!r}; choose one of {', '.join(GUIDANCE_SCHEDULES)}.")
+    return 1 + guidance_scale * ((1 - math.cos(math.pi * ((num_steps - timestep) / num_steps) ** 5.0)) / 2)
 
 
 def ddim_step(
@@ -154,8 +153,7 @@ def _check_inputs(
         raise ValueError(f"noise must be [B, C, T, H, W], got shape {tuple(noise.shape)}.")
     if cond.ndim != 3 or cond.shape[0] != noise.shape[0]:
         raise ValueError(f"cond must be [B, L, D] with B = {noise.shape[0]}, got shape {tuple(cond.shape)}.")
-    if guidance_schedule not in GUIDANCE_SCHEDULES:
-        raise ValueError(f"Unknown guidance_schedule {guidance_schedule!r}; choose one of {', '.join(GUIDANCE_SCHEDULES)}.")
+    _check_guidance_schedule(guidance_schedule)
     if guidance_scale > 1.0:
         if uncond is None:
             raise ValueError(
@@ -170,3 +168,9 @@ def _check_inputs(
         raise ValueError(f"eta must be >= 0 (0 = deterministic DDIM), got {eta}.")
     if eta > 0.0 and generator is None:
         raise ValueError("eta > 0 adds fresh noise every step; pass a torch.Generator so samples are reproducible.")
+
+
+def _check_guidance_schedule(guidance_schedule: str) -> None:
+    if guidance_schedule not in GUIDANCE_SCHEDULES:
+        choices = ", ".join(GUIDANCE_SCHEDULES)
+        raise ValueError(f"Unknown guidance_schedule {guidance_schedule!r}; choose one of {choices}.")

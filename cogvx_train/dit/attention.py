@@ -20,65 +20,77 @@ import torch.nn.functional as F
 from torch import nn
 
 from cogvx_train.dit.expert_adaln import segments
-from cogvx_train.dit.rope3d import rotate_pairs_
+from cogvx_train.dit.rope3d import rotate_
 
 ATTENTION_MODES = ("full", "spatial_temporal")
+
+
+def _modality_blocks(x: torch.Tensor, num_rows: int, text_len: int) -> list[tuple[torch.Tensor, int]]:
+    """[(tokens, norm row)]: the whole sequence with row 0, or (vision, row 0) and (text, row 1)."""
+    return [(x, 0)] if num_rows == 1 else [(x[:, text_len:], 0), (x[:, :text_len], 1)]
 
 
 class _QKNormRoPE(torch.autograd.Function):
     """Per-head LayerNorm on q and k, then RoPE on the vision tokens.
 
     Saves only its inputs (views of the qkv projection, which SDPA keeps alive for v anyway) and the LN
-    statistics; the normalised / rotated tensors are recomputed or inverted in backward.
+    statistics: backward undoes the rotation (it is orthogonal) and runs the fused LayerNorm-backward kernel.
     """
 
     @staticmethod
-    def forward(ctx, q, k, w_q, b_q, w_k, b_k, cos_half, sin_half, text_len: int, eps: float):
+    def forward(ctx, q, k, w_q, b_q, w_k, b_k, rot, text_len: int, eps: float):
         outs, stats = [], []
         with torch.autocast(q.device.type, enabled=False):
             for x, w, b in ((q, w_q, b_q), (k, w_k, b_k)):
-                y, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], None, None, eps)  # [B, S, H, hd]
-                for (seg, wm), (_, bm) in zip(segments(y, w[None], text_len), segments(y, b[None], text_len)):
-                    seg.mul_(wm.to(y.dtype)).add_(bm.to(y.dtype))
-                if cos_half is not None:
-                    rotate_pairs_(y[:, text_len:], cos_half.to(y.dtype), sin_half.to(y.dtype))
+                blocks = _modality_blocks(x, w.shape[0], text_len)
+                if len(blocks) == 1:
+                    y, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], w[0].to(x.dtype), b[0].to(x.dtype), eps)
+                    stats += [mean, rstd]
+                else:
+                    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # [B, S, H, hd] contiguous
+                    for (xs, m), (ys, _) in zip(blocks, _modality_blocks(y, 2, text_len)):
+                        out, mean, rstd = torch.native_layer_norm(xs, [x.shape[-1]], w[m].to(x.dtype),
+                                                                  b[m].to(x.dtype), eps)
+                        ys.copy_(out)
+                        stats += [mean, rstd]
+                if rot is not None:
+                    rotate_(y[:, text_len:], rot)
                 outs.append(y)
-                stats += [mean, rstd]
-        ctx.save_for_backward(q, k, w_q, w_k, *stats, cos_half, sin_half)
+        ctx.save_for_backward(q, k, w_q, w_k, rot, *stats)
         ctx.text_len = text_len
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, grad_q, grad_k):
-        q, k, w_q, w_k, mean_q, rstd_q, mean_k, rstd_k, cos_half, sin_half = ctx.saved_tensors
-        text_len = ctx.text_len
+        q, k, w_q, w_k, rot, *stats = ctx.saved_tensors
+        text_len, rows = ctx.text_len, w_q.shape[0]
         grads = []
-        for x, w, mean, rstd, g in ((q, w_q, mean_q, rstd_q, grad_q), (k, w_k, mean_k, rstd_k, grad_k)):
+        for x, w, g, x_stats in ((q, w_q, grad_q, stats[:2 * rows]), (k, w_k, grad_k, stats[2 * rows:])):
             g = g.clone(memory_format=torch.contiguous_format)
-            if cos_half is not None:
-                rotate_pairs_(g[:, text_len:], cos_half.to(g.dtype), sin_half.to(g.dtype), inverse=True)
-            x_hat = (x - mean) * rstd
-            grad_w = torch.empty_like(w, dtype=torch.float32)
-            grad_b = torch.empty_like(w, dtype=torch.float32)
-            for m, ((gs, wm), (xs, _)) in enumerate(zip(segments(g, w[None], text_len),
-                                                        segments(x_hat, w[None], text_len))):
-                grad_w[m] = (gs * xs).sum((0, 1, 2), dtype=torch.float32)
-                grad_b[m] = gs.sum((0, 1, 2), dtype=torch.float32)
-                gs.mul_(wm[0].to(gs.dtype))
-            grad_x = torch.ops.aten.native_layer_norm_backward(
-                g, x, [x.shape[-1]], mean, rstd, None, None, [True, False, False])[0]
-            grads += [grad_x, grad_w.to(w.dtype), grad_b.to(w.dtype)]
+            if rot is not None:
+                rotate_(g[:, text_len:], rot, inverse=True)
+            grad_x = torch.empty_like(g) if rows > 1 else None
+            grad_w, grad_b = torch.empty_like(w), torch.empty_like(w)
+            for i, ((gs, m), (xs, _)) in enumerate(zip(_modality_blocks(g, rows, text_len),
+                                                       _modality_blocks(x, rows, text_len))):
+                weight = w[m].to(x.dtype)
+                gx, grad_w[m], grad_b[m] = torch.ops.aten.native_layer_norm_backward(
+                    gs, xs, [x.shape[-1]], x_stats[2 * i], x_stats[2 * i + 1], weight, weight, [True, True, True])
+                if grad_x is None:
+                    grad_x = gx
+                else:
+                    _modality_blocks(grad_x, rows, text_len)[i][0].copy_(gx)
+            grads += [grad_x, grad_w, grad_b]
         grad_x_q, grad_w_q, grad_b_q, grad_x_k, grad_w_k, grad_b_k = grads
-        return grad_x_q, grad_x_k, grad_w_q, grad_b_q, grad_w_k, grad_b_k, None, None, None, None
+        return grad_x_q, grad_x_k, grad_w_q, grad_b_q, grad_w_k, grad_b_k, None, None, None
 
 
 def qk_norm_rope(q, k, w_q, b_q, w_k, b_k, rope, text_len: int, eps: float = 1e-6):
     """q, k [B, S, H, hd] -> normalised (and vision-rotated) q, k [B, S, H, hd].
 
-    Norm weights are [M, hd] rows (vision, text) or [1, hd]; rope is (cos_half, sin_half) [N, 1, hd/2] or None.
+    Norm weights are [M, hd] rows (vision, text) or [1, hd]; rope is the complex rotation [N, 1, hd/2] or None.
     """
-    cos_half, sin_half = rope if rope is not None else (None, None)
-    return _QKNormRoPE.apply(q, k, w_q, b_q, w_k, b_k, cos_half, sin_half, text_len, eps)
+    return _QKNormRoPE.apply(q, k, w_q, b_q, w_k, b_k, rope, text_len, eps)
 
 
 def _sdpa(q, k, v):

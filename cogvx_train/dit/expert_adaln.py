@@ -36,36 +36,47 @@ def segments(x: torch.Tensor, rows: torch.Tensor, text_len: int):
     return [(x[:, text_len:], rows[:, 0:1]), (x[:, :text_len], rows[:, 1:2])]
 
 
+def row_blocks(x: torch.Tensor, num_rows: int, text_len: int) -> list[tuple[torch.Tensor, int]]:
+    """x [B, S, ...] as (block, modulation row) pairs in memory order, rows indexing [B * M] flattened modulation:
+    per sample the whole sequence (row b), or its text (row 2b+1) then its vision tokens (row 2b)."""
+    if num_rows == 1:
+        return [(sample, b) for b, sample in enumerate(x.unbind(0))]
+    blocks = []
+    for b, sample in enumerate(x.unbind(0)):
+        text, vision = sample.split([text_len, sample.shape[0] - text_len])
+        blocks += [(text, 2 * b + 1), (vision, 2 * b)]
+    return blocks
+
+
 class _ModulatedLayerNorm(torch.autograd.Function):
-    """h = x_hat * scale_m + shift_m (x_hat = LN(x) without affine); saves x, mean and rstd only."""
+    """h = LN(x) * scale_m + shift_m as one affine LayerNorm kernel per (sample, modality) block. Saves x and the
+    LN statistics only; backward is one fused LayerNorm-backward kernel per block."""
 
     @staticmethod
     def forward(ctx, x, scale, shift, text_len: int, eps: float):
+        rows = scale.shape[1]
+        scales, shifts = scale.to(x.dtype).flatten(0, 1).unbind(0), shift.to(x.dtype).flatten(0, 1).unbind(0)
         with torch.autocast(x.device.type, enabled=False):
-            h, mean, rstd = torch.native_layer_norm(x, [x.shape[-1]], None, None, eps)
-            for (seg, sc), (_, sh) in zip(segments(h, scale, text_len), segments(h, shift, text_len)):
-                seg.mul_(sc.to(h.dtype)).add_(sh.to(h.dtype))
-        ctx.save_for_backward(x, mean, rstd, scale)
+            outs = [torch.native_layer_norm(block, [x.shape[-1]], scales[r], shifts[r], eps)
+                    for block, r in row_blocks(x, rows, text_len)]
+        ctx.save_for_backward(x, scale, *(t for out in outs for t in out[1:]))
         ctx.text_len = text_len
-        return h
+        return torch.cat([out[0] for out in outs]).view_as(x)  # blocks are in memory order
 
     @staticmethod
     def backward(ctx, grad_h):
-        x, mean, rstd, scale = ctx.saved_tensors
-        text_len = ctx.text_len
-        x_hat = (x - mean) * rstd  # recomputed [B, S, D]
-        grad_scale = torch.empty_like(scale, dtype=torch.float32)
-        grad_shift = torch.empty_like(scale, dtype=torch.float32)
-        grad_x_hat = torch.empty_like(grad_h)
-        for m, ((g, _), (xh, _), (gx, _)) in enumerate(
-            zip(segments(grad_h, scale, text_len), segments(x_hat, scale, text_len),
-                segments(grad_x_hat, scale, text_len))):
-            grad_scale[:, m] = (g * xh).sum(1, dtype=torch.float32)
-            grad_shift[:, m] = g.sum(1, dtype=torch.float32)
-            torch.mul(g, scale[:, m:m + 1].to(g.dtype), out=gx)
-        grad_x = torch.ops.aten.native_layer_norm_backward(
-            grad_x_hat, x, [x.shape[-1]], mean, rstd, None, None, [True, False, False])[0]
-        return grad_x, grad_scale.to(scale.dtype), grad_shift.to(scale.dtype), None, None
+        x, scale, *stats = ctx.saved_tensors
+        rows = scale.shape[1]
+        scales = scale.to(x.dtype).flatten(0, 1).unbind(0)
+        grad_x, grad_scale, grad_shift = [], [None] * len(scales), [None] * len(scales)
+        for i, ((g, r), (block, _)) in enumerate(zip(row_blocks(grad_h, rows, ctx.text_len),
+                                                    row_blocks(x, rows, ctx.text_len))):
+            gx, grad_scale[r], grad_shift[r] = torch.ops.aten.native_layer_norm_backward(
+                g, block, [x.shape[-1]], stats[2 * i], stats[2 * i + 1], scales[r], scales[r], [True, True, True])
+            grad_x.append(gx)
+        grad_x = torch.cat(grad_x).view_as(x)
+        return (grad_x, torch.stack(grad_scale).view_as(scale).to(scale.dtype),
+                torch.stack(grad_shift).view_as(scale).to(scale.dtype), None, None)
 
 
 class _GatedResidual(torch.autograd.Function):

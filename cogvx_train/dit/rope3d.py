@@ -53,21 +53,19 @@ def rope3d_frequencies(
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def rotate_pairs_(x: torch.Tensor, cos_half: torch.Tensor, sin_half: torch.Tensor, inverse: bool = False) -> None:
-    """Rotate channel pairs of x [..., N, H, hd] in place by the angles behind cos_half/sin_half [N, 1, hd/2].
-
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); inverse=True rotates by the negative angle, which is the
-    backward pass (the rotation is orthogonal).
-    """
-    pairs = x.unflatten(-1, (-1, 2))  # [..., N, H, hd/2, 2]
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    s = -sin_half if inverse else sin_half
-    x1_sin = x1 * s
-    new_x1 = x1 * cos_half - x2 * s
-    x2.mul_(cos_half).add_(x1_sin)
-    x1.copy_(new_x1)
+def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """[N, hd] interleaved (cos, sin) tables -> unit complex numbers [N, 1, hd/2] (one per channel pair,
+    broadcast over heads)."""
+    return torch.complex(cos[:, None, 0::2].float(), sin[:, None, 0::2].float())
 
 
-def half_angles(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, hd] interleaved tables -> [N, 1, hd/2] (one value per pair, broadcast over heads)."""
-    return cos[:, None, 0::2], sin[:, None, 0::2]
+def rotate_(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> None:
+    """Rotate channel pairs of x [B, N, H, hd] in place: (x1 + i x2) * rot, or * conj(rot) for the backward pass
+    (the rotation is orthogonal). One complex multiply instead of several strided real ones."""
+    rot = rot.conj() if inverse else rot
+    if x.dtype in (torch.float32, torch.float64):
+        torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rot.to(torch.complex128 if x.dtype == torch.float64
+                                                                       else torch.complex64))
+    else:  # no complex bfloat16: rotate in float32
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous()) * rot
+        x.copy_(torch.view_as_real(pairs).flatten(-2))

@@ -98,7 +98,7 @@ def build_module(cfg: DictConfig, run: RunDirectory):
             max_steps=cfg.trainer.max_steps,
             ema_decay=cfg.ema.decay if cfg.ema.enabled else None,
             samples_dir=str(run.samples),
-            seed=cfg.seed,
+            gradient_checkpointing=cfg.model.gradient_checkpointing,
         )
     else:
         from cogvx_train.dit.module import DiTTrainingModule

@@ -54,7 +54,7 @@ def build_lr_lambda(warmup_steps: int, total_steps: int | None, schedule: str = 
                              "set trainer.max_steps or use optim.schedule=constant.")
         total_steps = int(total_steps)
         if warmup_steps > total_steps:
-            raise ValueError(f"warmup_steps={warmup_steps} is longer than the run ({total_steps} steps); "
-                             f"use at most {total_steps}.")
+            raise ValueError(f"optim.warmup_steps={warmup_steps} is longer than the run (trainer.max_steps="
+                             f"{total_steps}); use at most {total_steps} warmup steps or a longer run.")
     return LRLambda(warmup_steps=warmup_steps, total_steps=None if total_steps is None else int(total_steps),
                     schedule=schedule, min_lr_ratio=float(min_lr_ratio))

@@ -56,7 +56,7 @@ def psnr(x: torch.Tensor, x_hat: torch.Tensor, num_real_frames: torch.Tensor | N
 
 
 def _gaussian_window(size: int, sigma: float, device: torch.device) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
     g = torch.exp(-coords.pow(2) / (2 * sigma ** 2))
     g = g / g.sum()
     return (g[:, None] * g[None, :])[None, None]  # [1, 1, size, size]
@@ -76,13 +76,15 @@ def ssim_frames(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     def blur(z: torch.Tensor) -> torch.Tensor:
         return F.conv2d(z, window, groups=c)  # depthwise, no padding: valid positions only
 
+    # float64: (co)variances as E[ab] - E[a]E[b] cancel in fp32 to errors of ~1e-8, not small next to C2 = 9e-4
+    a, b = a.double(), b.double()
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a.pow(2)
     var_b = blur(b * b) - mu_b.pow(2)
     cov = blur(a * b) - mu_a * mu_b
     c1, c2 = SSIM_K1 ** 2, SSIM_K2 ** 2  # data range 1
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a.pow(2) + mu_b.pow(2) + c1) * (var_a + var_b + c2))
-    return ssim_map.mean(dim=(1, 2, 3))
+    return ssim_map.mean(dim=(1, 2, 3)).float()
 
 
 @torch.no_grad()

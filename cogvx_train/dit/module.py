@@ -1,0 +1,641 @@
+"""DiTTrainingModule: the CogVideoX expert transformer trained with v-prediction on a frozen VAE and frozen T5.
+
+One training step on rank r of W at optimizer step s (every random draw is keyed on (seed, s, r), so a resumed run
+draws exactly what the uninterrupted run would have):
+
+    (mean, logvar) = VAE.encode(video)            or from a latent-cache batch
+    x0   = (mean + exp(logvar / 2) eps_post) * scaling_factor     re-sampled every step, fp32
+    c    = T5(caption), zeroed with p = caption_dropout            (the unconditional branch at sampling)
+    t    ~ Explicit Uniform Sampling: rank r draws inside its interval of [0, 1000)
+    x_t  = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps ;  v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0     fp32
+    loss = mean_b  mean_{C,T,H,W} (DiT(x_t, t, c) - v)^2          model under the trainer's autocast
+
+Padding frames. A clip shorter than num_frames repeats its last frame (batch["num_real_frames"] says how many are
+real). Like the paper's pipeline, the loss covers the repeated frames as they are: the causal VAE mixes real and
+repeated frames inside the last latent frames, so a latent-frame mask would be approximate anyway, and the model
+simply learns that such clips hold their last frame.
+
+Optimizer. AdamW (0.9, 0.95), eps 1e-8, weight decay 1e-4 on matrices and convolution kernels only: biases and
+LayerNorm / q-k-norm gains (every tensor with fewer than 2 dims) are not decayed, since shrinking a gain towards 0
+changes what the layer computes rather than regularising it. Linear warmup then cosine (build_lr_lambda),
+stepped per optimizer step. Gradients are clipped to `optim.grad_clip` (global L2 norm) in
+`configure_gradient_clipping`, unless the Trainer was given its own `gradient_clip_val`.
+
+Frozen VAE and T5 live in a FrozenEncoders object that is not a child module: not trainable, not in the optimizer,
+not in state_dict or checkpoints, never wrapped by DDP/FSDP/DeepSpeed, never cast by bf16-true, always in eval
+mode. They are rebuilt from their specs (plain values in the hyper-parameters) on start, resume and sampling.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.optim.lr_scheduler import LambdaLR
+
+from cogvx_train.diffusion import NoiseSchedule, build_timestep_sampler
+from cogvx_train.dit import build_dit, flops_per_step
+from cogvx_train.dit.frozen_encoders import (
+    FrozenEncoders,
+    TextEncoderSpec,
+    VAESpec,
+    _from_any,
+    keyed_generator,
+    randn_like_on_cpu,
+    sample_latents,
+)
+from cogvx_train.train.ema import EMA
+from cogvx_train.train.lr_schedule import build_lr_lambda
+
+log = logging.getLogger(__name__)
+
+VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # paper Table 9 reports the validation loss at these timesteps
+CHECKPOINT_KEY = "cogvx_dit"
+
+
+# ------------------------------------------------------------------------------------------ config groups
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    snr_shift: float = 3.0  # 2B: 3.0, 5B: 1.0
+    timestep_sampling: str = "uniform_per_rank"  # uniform_per_rank (Explicit Uniform Sampling) | iid
+    caption_dropout: float = 0.1
+    loss_buckets: int = 10  # train/loss_t000-099 ... over the last log_every_n_steps steps
+    beta_start: float = 8.5e-4
+    beta_end: float = 1.2e-2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000
+    schedule: str = "cosine"  # cosine | constant | linear
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad L2 norm; 0 = off
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    start_step: int = 0
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 50
+    guidance_scale: float = 6.0
+    guidance_schedule: str = "constant"  # constant | dynamic_cosine
+    seed: int = 1234
+    prompts: list[str] = field(default_factory=lambda: ["a red circle moves from left to right"])
+    use_ema: bool = True
+    num_frames: int | None = None  # None: the shape of the validation batches
+    height: int | None = None
+    width: int | None = None
+    fps: float = 8.0
+    batch_size: int = 1
+
+
+def _plain(cls, value, what: str):
+    cfg = _from_any(cls, value, what)
+    if isinstance(cfg, OptimConfig):
+        cfg.betas = tuple(float(b) for b in cfg.betas)
+    if isinstance(cfg, SamplingConfig):
+        cfg.prompts = [str(p) for p in cfg.prompts]
+    return cfg
+
+
+def _absolute(path: str | None) -> str | None:
+    """Paths in the hyper-parameters are made absolute so `cogvx-sample` works from any directory."""
+    if path is None or path == "demo":
+        return path
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
+
+
+class DiTTrainingModule(pl.LightningModule):
+    """Train the expert transformer (see the module docstring). Arguments are plain values only."""
+
+    def __init__(
+        self,
+        dit_size: str = "tiny",
+        dit_overrides: dict[str, Any] | None = None,
+        vae: VAESpec | dict[str, Any] | None = None,
+        text_encoder: TextEncoderSpec | dict[str, Any] | None = None,
+        diffusion: DiffusionConfig | dict[str, Any] | None = None,
+        optim: OptimConfig | dict[str, Any] | None = None,
+        max_steps: int | None = None,
+        ema: EMAConfig | dict[str, Any] | None = None,
+        sampling: SamplingConfig | dict[str, Any] | None = None,
+        seed: int = 0,
+        samples_dir: str | None = None,
+        use_latent_cache: bool = False,
+        peak_flops: float | None = None,
+        val_timesteps: tuple[int, ...] | list[int] = VAL_TIMESTEPS,
+    ):
+        super().__init__()
+        vae_spec = VAESpec.from_any(vae)
+        vae_spec = dataclasses.replace(vae_spec, weights=_absolute(vae_spec.weights))
+        text_spec = TextEncoderSpec.from_any(text_encoder)
+        text_spec = dataclasses.replace(text_spec, path=_absolute(text_spec.path))
+        self.diffusion_cfg = _plain(DiffusionConfig, diffusion, "diffusion")
+        self.optim_cfg = _plain(OptimConfig, optim, "optim")
+        self.ema_cfg = _plain(EMAConfig, ema, "ema")
+        self.sampling_cfg = _plain(SamplingConfig, sampling, "sampling")
+        self.vae_spec, self.text_spec = vae_spec, text_spec
+        val_timesteps = tuple(int(t) for t in val_timesteps)
+        n = self.diffusion_cfg.num_train_timesteps
+        if any(not 0 <= t < n for t in val_timesteps):
+            raise ValueError(f"val_timesteps {val_timesteps} must lie in [0, {n}).")
+        if not 1 <= self.diffusion_cfg.loss_buckets <= n:
+            raise ValueError(f"diffusion.loss_buckets={self.diffusion_cfg.loss_buckets} must be in [1, {n}].")
+        # plain values only: never a built module in the hyper-parameters
+        self.save_hyperparameters({
+            "dit_size": dit_size, "dit_overrides": dict(dit_overrides or {}), "vae": vae_spec.to_dict(),
+            "text_encoder": text_spec.to_dict(), "diffusion": asdict(self.diffusion_cfg),
+            "optim": asdict(self.optim_cfg) | {"betas": list(self.optim_cfg.betas)}, "max_steps": max_steps,
+            "ema": asdict(self.ema_cfg), "sampling": asdict(self.sampling_cfg), "seed": int(seed),
+            "samples_dir": samples_dir, "use_latent_cache": bool(use_latent_cache), "peak_flops": peak_flops,
+            "val_timesteps": list(val_timesteps),
+        })
+        self.seed = int(seed)
+        self.val_timesteps = val_timesteps
+        self.dit = build_dit(dit_size, **(dit_overrides or {}))
+        d = self.diffusion_cfg
+        self.schedule = NoiseSchedule(d.num_train_timesteps, d.beta_start, d.beta_end, d.snr_shift)
+        self.timestep_sampler = build_timestep_sampler(d.timestep_sampling, d.num_train_timesteps, self.seed)
+        self.ema = EMA(self.dit, self.ema_cfg.decay, self.ema_cfg.start_step) if self.ema_cfg.enabled else None
+        self.frozen = FrozenEncoders()  # filled on demand by encoders(); not a child module
+        self._prompt_embeds: Tensor | None = None  # sampling prompts, embedded once
+        self._window: collections.deque = collections.deque(maxlen=10)  # (t, loss) of recent steps
+        self._last_batch_end: float | None = None
+        self._step_shape: tuple[int, int, int, int, int] | None = None  # (B, T', h, w, L) of the last step
+        self._sample_shape: tuple[int, int, int] | None = None  # pixel (T, H, W) of the data
+        self._peak = peak_flops
+        self._warned_no_peak = False
+
+    # ------------------------------------------------------------------------------------ frozen encoders
+    def encoders(self, vae: bool, text: bool) -> FrozenEncoders:
+        """Load whichever frozen encoder is needed and not loaded yet, on this module's device."""
+        f = self.frozen
+        if vae and f.vae is None:
+            loaded = FrozenEncoders.build(self.vae_spec, None, load_vae=True, load_text=False)
+            f.vae, f.scaling_factor = loaded.vae, loaded.scaling_factor
+        if text and f.text_encoder is None:
+            f.text_encoder = FrozenEncoders.build(None, self.text_spec, load_vae=False, load_text=True).text_encoder
+            self._check_text_dim(f.text_encoder.embed_dim, f.text_encoder.max_length)
+        return f.to(self.device)
+
+    def _check_text_dim(self, dim: int, length: int) -> None:
+        cfg = self.dit.config
+        if dim != cfg.text_embed_dim:
+            raise ValueError(f"the text encoder gives {dim}-dim embeddings but the DiT expects text_embed_dim="
+                             f"{cfg.text_embed_dim}; use a matching model.text_encoder or set text_embed_dim.")
+        if length > cfg.max_text_tokens:
+            raise ValueError(f"text max_length={length} exceeds the DiT's max_text_tokens={cfg.max_text_tokens}.")
+
+    @property
+    def scaling_factor(self) -> float:
+        if self.vae_spec.scaling_factor is not None:
+            return float(self.vae_spec.scaling_factor)
+        return float(self.encoders(vae=True, text=False).scaling_factor)
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and not self.hparams.use_latent_cache:
+            self.encoders(vae=True, text=True)
+
+    # ------------------------------------------------------------------------------------------- training
+    def _draw_step(self, batch_idx: int) -> int:
+        """The key of this micro-batch's random draws: the optimizer step (times the accumulation factor plus the
+        micro-batch, when gradients are accumulated)."""
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        return self.global_step * accumulate + batch_idx % accumulate
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self._trainer is None:
+            return 0, 1
+        return int(self.global_rank), int(self.trainer.world_size)
+
+    def clean_latents_and_text(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """x0 [B, 16, T', h, w] (fp32, scaled, posterior re-sampled with `generator`) and text embeddings [B, L, D],
+        from a latent-cache batch (latents_mean, latents_logvar, text_embeds) or a frame-pack batch (video,
+        caption) encoded here by the frozen VAE and T5."""
+        if "latents_mean" in batch:
+            mean, logvar, text = batch["latents_mean"], batch["latents_logvar"], batch["text_embeds"]
+            self._check_text_dim(text.shape[2], text.shape[1])
+        elif "video" in batch:
+            encoders = self.encoders(vae=True, text=True)
+            mean, logvar = encoders.encode_video(batch["video"])
+            text = encoders.encode_text(batch["caption"])
+            t, h, w = batch["video"].shape[2:]
+            self._sample_shape = (int(t), int(h), int(w))
+        else:
+            raise ValueError(f"a DiT batch needs 'video' + 'caption' (frame pack) or 'latents_mean', "
+                             f"'latents_logvar', 'text_embeds' (latent cache); got keys {sorted(batch)}.")
+        x0 = sample_latents(mean, logvar, generator, self.scaling_factor)
+        return x0, text.to(self.device)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        from cogvx_train.text import drop_captions
+
+        step = self._draw_step(batch_idx)
+        rank, world = self._rank_world()
+        x0, text = self.clean_latents_and_text(batch, keyed_generator(self.seed, "posterior", step, rank))
+        b = x0.shape[0]
+        text, dropped = drop_captions(text, self.diffusion_cfg.caption_dropout,
+                                      keyed_generator(self.seed, "captions", step, rank))
+        t = self.timestep_sampler.sample(step, rank, world, b).to(self.device)
+        noise = randn_like_on_cpu(x0, keyed_generator(self.seed, "noise", step, rank))
+        x_t = self.schedule.add_noise(x0, noise, t)  # fp32
+        v_pred = self.dit(x_t, t, text)
+        per_sample = self.schedule.v_prediction_loss(v_pred, x0, noise, t)  # [B] fp32
+        loss = per_sample.mean()
+
+        self._step_shape = (b, *x0.shape[2:], text.shape[1])
+        self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
+        self.log("train/caption_dropped", dropped.float().mean(), on_step=True, on_epoch=False, batch_size=b)
+        if self._trainer is not None:  # the lr this step used
+            self.log("train/lr", float(self.optimizers().param_groups[0]["lr"]), on_step=True, on_epoch=False,
+                     batch_size=b)
+        self._log_timestep_buckets(t, per_sample.detach(), world)
+        return loss
+
+    def _bucket_names(self) -> list[str]:
+        n, k = self.diffusion_cfg.num_train_timesteps, self.diffusion_cfg.loss_buckets
+        bounds = [(i * n) // k for i in range(k + 1)]
+        return [f"t{bounds[i]:03d}-{bounds[i + 1] - 1:03d}" for i in range(k)]
+
+    def _log_timestep_buckets(self, t: Tensor, per_sample: Tensor, world: int) -> None:
+        """Loss per timestep bucket and the timestep histogram over the last log_every_n_steps steps of ALL ranks
+        (each rank only sees its own interval under Explicit Uniform Sampling). No host sync: empty buckets log
+        NaN."""
+        if world > 1 and self._trainer is not None:
+            t, per_sample = self.all_gather(t).reshape(-1), self.all_gather(per_sample).reshape(-1)
+        every = max(1, int(self.trainer.log_every_n_steps)) if self._trainer is not None else 1
+        if self._window.maxlen != every:
+            self._window = collections.deque(self._window, maxlen=every)
+        self._window.append((t, per_sample.float()))
+        ts = torch.cat([w[0] for w in self._window])
+        losses = torch.cat([w[1] for w in self._window])
+        n, k = self.diffusion_cfg.num_train_timesteps, self.diffusion_cfg.loss_buckets
+        bucket = (ts * k) // n
+        counts = torch.bincount(bucket, minlength=k).float()
+        sums = torch.zeros(k, device=losses.device).scatter_add_(0, bucket, losses)
+        means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
+        metrics = {}
+        for i, name in enumerate(self._bucket_names()):
+            metrics[f"train/loss_{name}"] = means[i]
+            metrics[f"train/t_count_{name}"] = counts[i]
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        if self._trainer is not None and self.trainer.is_global_zero and (self.global_step + 1) % every == 0:
+            for logger in self.loggers:
+                if type(logger).__name__ == "WandbLogger":
+                    import wandb
+
+                    logger.experiment.log({"train/timesteps": wandb.Histogram(ts.cpu().numpy())},
+                                          step=self.global_step)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad.detach().float().norm() for p in self.dit.parameters() if p.grad is not None]
+        if grads:  # DeepSpeed keeps its own (partitioned) gradients: nothing to read here
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(grads)), on_step=True, on_epoch=False,
+                     batch_size=1)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.optim_cfg.grad_clip
+        if clip and clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=clip,
+                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    def on_train_start(self) -> None:
+        # A fresh EMA (new run, init_from, or a checkpoint without one) starts from the weights training starts from.
+        if self.ema is not None and self.ema.num_updates == 0:
+            self.ema = EMA(self.dit, self.ema.decay, self.ema.start_step)
+        self._last_batch_end = None
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        # The EMA is folded in right after the weights change, before any callback (checkpointing included) sees
+        # the step: a checkpoint written at this step holds the matching EMA.
+        step = self.global_step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.ema is not None:
+            self.ema.update(self.dit, step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._log_throughput()
+
+    # ------------------------------------------------------------------------------------------ throughput
+    def tokens_in_batch(self, batch: dict[str, Any] | None = None) -> int:
+        """Text + vision tokens of the last step on this rank (ThroughputMonitor's perf/tokens_per_s)."""
+        if self._step_shape is None:
+            return 0
+        b, t, h, w, length = self._step_shape
+        p = self.dit.config.patch_size
+        return b * (length + t * (h // p) * (w // p))
+
+    def flops_in_batch(self, batch: dict[str, Any] | None = None) -> tuple[int, int]:
+        """(model, hardware) FLOPs of the last step on this rank (MFU / HFU numerators)."""
+        if self._step_shape is None:
+            return 0, 0
+        b, t, h, w, length = self._step_shape
+        cfg = self.dit.config
+        return (flops_per_step(cfg, b, t, h, w, text_tokens=length, mode="model"),
+                flops_per_step(cfg, b, t, h, w, text_tokens=length, mode="hardware"))
+
+    def _peak_flops(self) -> float | None:
+        if self._peak is None:
+            from cogvx_train.train.callbacks import peak_flops_per_device
+
+            self._peak = peak_flops_per_device() or 0.0
+            if not self._peak and not self._warned_no_peak:
+                self._warned_no_peak = True
+                log.info("no known peak FLOP/s for this device (CPU or unlisted GPU): train/mfu is not logged; pass "
+                         "peak_flops= to log it.")
+        return self._peak or None
+
+    def _log_throughput(self) -> None:
+        """train/tokens_per_s (all ranks) and train/mfu from the wall time between consecutive batch ends (so it
+        includes data loading) and the analytic FLOPs of dit.flops_per_step."""
+        now = time.perf_counter()
+        last, self._last_batch_end = self._last_batch_end, now
+        if last is None or self._step_shape is None:
+            return
+        dt = max(now - last, 1e-9)
+        world = self._rank_world()[1]
+        self.log("train/tokens_per_s", self.tokens_in_batch() * world / dt, on_step=True, on_epoch=False,
+                 batch_size=1)
+        peak = self._peak_flops()
+        if peak:
+            self.log("train/mfu", self.flops_in_batch()[0] / dt / peak, on_step=True, on_epoch=False, batch_size=1)
+
+    # ------------------------------------------------------------------------------------------ optimizer
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        decay = [p for p in self.dit.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.dit.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=o.lr, betas=o.betas, eps=o.eps)
+        total = self.hparams.max_steps
+        if (total is None or total <= 0) and self._trainer is not None:
+            estimate = self.trainer.estimated_stepping_batches
+            total = int(estimate) if math.isfinite(estimate) else None
+        scheduler = LambdaLR(optimizer, build_lr_lambda(o.warmup_steps, total, o.schedule, o.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------ validation
+    def eval_weights(self, use_ema: bool | None = None):
+        """Context in which self.dit carries the weights used for sampling/export: the EMA when enabled."""
+        use_ema = self.sampling_cfg.use_ema if use_ema is None else use_ema
+        return self.ema.swapped_into(self.dit) if use_ema and self.ema is not None else nullcontext(self.dit)
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict[str, Any]) -> dict[int, Tensor]:
+        """Per-sample v-loss [B] at each fixed timestep, with posterior sample and noise fixed per sample (keyed on
+        its manifest row), so the numbers are comparable across validations and runs (paper Table 9)."""
+        b = len(batch["caption"]) if "caption" in batch else batch["text_embeds"].shape[0]
+        rows = batch["index"].tolist() if "index" in batch else list(range(b))
+        mean, logvar, text = self._posterior_and_text(batch)
+        eps = torch.stack([randn_like_on_cpu(mean[0], keyed_generator(self.seed, "val_posterior", r)) for r in rows])
+        x0 = (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * self.scaling_factor
+        out = {}
+        for t in self.val_timesteps:
+            noise = torch.stack([randn_like_on_cpu(x0[0], keyed_generator(self.seed, "val_noise", r, t))
+                                 for r in rows])
+            steps = torch.full((b,), t, dtype=torch.long, device=self.device)
+            x_t = self.schedule.add_noise(x0, noise, steps)
+            out[t] = self.schedule.v_prediction_loss(self.dit(x_t, steps, text), x0, noise, steps)
+        return out
+
+    def _posterior_and_text(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        if "latents_mean" in batch:
+            mean, logvar, text = batch["latents_mean"], batch["latents_logvar"], batch["text_embeds"]
+        else:
+            encoders = self.encoders(vae=True, text=True)
+            mean, logvar = encoders.encode_video(batch["video"])
+            text = encoders.encode_text(batch["caption"])
+        return mean, logvar, text.to(self.device)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        # Lightning validates under inference_mode; anything the DiT caches here (position tables per token grid)
+        # would be an inference tensor that a later training step cannot save for backward: use no_grad instead.
+        with torch.inference_mode(False), torch.no_grad():
+            losses = self.validation_loss(batch)
+        b = next(iter(losses.values())).shape[0]
+        for t, per_sample in losses.items():
+            self.log(f"val/loss_t{t}", per_sample.mean(), on_step=False, on_epoch=True, sync_dist=True, batch_size=b)
+        self.log("val/loss", torch.stack([v.mean() for v in losses.values()]).mean(), on_step=False, on_epoch=True,
+                 sync_dist=True, batch_size=b, prog_bar=True)
+        if "video" in batch:
+            self._sample_shape = tuple(int(s) for s in batch["video"].shape[2:])
+        elif self._sample_shape is None:
+            t, h, w = batch["latents_mean"].shape[2:]
+            self._sample_shape = ((t - 1) * 4 + 1, h * 8, w * 8)
+
+    def on_validation_epoch_end(self) -> None:
+        if self._trainer is not None and self.trainer.sanity_checking:
+            return
+        if self.sampling_cfg.prompts:
+            self.write_samples()
+
+    def samples_dir(self) -> Path:
+        if self.hparams.samples_dir:
+            return Path(self.hparams.samples_dir)
+        root = (self.trainer.log_dir or self.trainer.default_root_dir) if self._trainer is not None else "."
+        return Path(root) / "samples"
+
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Pixel (frames, height, width) of validation samples: the sampling config, else the data's shape."""
+        s = self.sampling_cfg
+        data = self._sample_shape or (49, 480, 720)
+        return (s.num_frames or data[0], s.height or data[1], s.width or data[2])
+
+    def prompt_embeddings(self) -> Tensor:
+        """The sampling prompts through T5, computed once. A latent-cache run loads T5 for this and frees it."""
+        if self._prompt_embeds is None:
+            loaded = self.frozen.text_encoder is not None
+            encoders = self.encoders(vae=False, text=True)
+            self._prompt_embeds = encoders.encode_text(self.sampling_cfg.prompts).detach()
+            if self.hparams.use_latent_cache and not loaded:
+                self.frozen.text_encoder = None  # a cache run trains without T5 in memory
+        return self._prompt_embeds.to(self.device)
+
+    @torch.no_grad()
+    def write_samples(self, step: int | None = None) -> list[Path]:
+        """Sample every prompt with its fixed seed through cogvx_train.sampling (EMA weights when use_ema) and write
+        samples_dir/step{step:07d}_{i}.mp4 on rank 0. Every rank runs the sampler (sharded strategies need all
+        ranks in each forward); only rank 0 writes and logs."""
+        from cogvx_train.sampling import sample_videos
+
+        s = self.sampling_cfg
+        step = self.global_step if step is None else step
+        frames, height, width = self.sample_shape()
+        text = self.prompt_embeddings()
+        encoders = self.encoders(vae=True, text=False)
+        precision = str(self.trainer.precision) if self._trainer is not None else "32"
+        autocast = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else None
+        with torch.inference_mode(False), torch.no_grad(), self.eval_weights():  # see validation_step
+            result = sample_videos(self.dit, encoders.vae, self.schedule, s.prompts, text_embeds=text,
+                                   scaling_factor=self.scaling_factor, num_frames=frames, height=height, width=width,
+                                   num_steps=s.num_steps, guidance_scale=s.guidance_scale,
+                                   guidance_schedule=s.guidance_schedule, seed=s.seed, batch_size=s.batch_size,
+                                   autocast_dtype=autocast,
+                                   out_dir=self.samples_dir() if self._is_rank_zero() else None,
+                                   name_format=f"step{step:07d}_{{i}}.mp4", fps=s.fps)
+        if self._is_rank_zero() and self._trainer is not None:
+            for logger in self.loggers:
+                if hasattr(logger, "log_video"):  # wandb; csv has no video
+                    logger.log_video("val/samples", videos=[str(p) for p in result.paths], step=step,
+                                     caption=list(s.prompts), fps=[s.fps] * len(result.paths),
+                                     format=["mp4"] * len(result.paths))
+        return result.paths
+
+    def _is_rank_zero(self) -> bool:
+        return self._trainer is None or self.trainer.is_global_zero
+
+    # ---------------------------------------------------------------------------- checkpoints, init, export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None:
+            checkpoint["dit_ema"] = self.ema.state_dict()
+        checkpoint[CHECKPOINT_KEY] = {"format": 1, "dit_config": asdict(self.dit.config),
+                                      "sample_shape": list(self.sample_shape())}
+        frozen = [k for k in checkpoint.get("state_dict", {}) if not k.startswith("dit.")]
+        if frozen:  # nothing but the transformer is trainable state; never ship frozen weights
+            raise RuntimeError(f"unexpected non-DiT weights in the DiT checkpoint: {frozen[:3]}")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY, {})
+        if meta.get("sample_shape"):
+            self._sample_shape = tuple(meta["sample_shape"])
+        if self.ema is not None:
+            if "dit_ema" in checkpoint:
+                self.ema.load_state_dict(checkpoint["dit_ema"])
+            else:
+                log.warning("the checkpoint has no DiT EMA; the EMA restarts from the loaded weights.")
+
+    def load_init_weights(self, path: str) -> None:
+        """`init_from`: see load_init_weights(module, path)."""
+        load_init_weights(self, path)
+
+    def export(self, out_dir: str) -> Path:
+        """The (EMA) transformer for diffusers (transformer/, CogVideoXTransformer3DModel) or, for ablation
+        variants diffusers cannot represent, in our own format (transformer/dit_config.json); the frozen VAE
+        (vae/) when it has real weights; scheduler/ with the matching CogVideoXDDIMScheduler config."""
+        import json
+
+        from cogvx_train.dit import export_diffusers_transformer, save_dit
+        from cogvx_train.vae import export_diffusers_vae
+
+        out = Path(out_dir)
+        with self.eval_weights(use_ema=True):
+            try:
+                export_diffusers_transformer(self.dit, out / "transformer")
+            except ValueError:  # ablation variant: no diffusers equivalent
+                save_dit(self.dit, out / "transformer")
+        if self.vae_spec.weights is not None:
+            export_diffusers_vae(self.encoders(vae=True, text=False).vae, out / "vae")
+        d = self.diffusion_cfg
+        scheduler = {"_class_name": "CogVideoXDDIMScheduler", "num_train_timesteps": d.num_train_timesteps,
+                     "beta_start": d.beta_start, "beta_end": d.beta_end, "beta_schedule": "scaled_linear",
+                     "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0,
+                     "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                     "snr_shift_scale": d.snr_shift, "timestep_spacing": "trailing"}
+        (out / "scheduler").mkdir(parents=True, exist_ok=True)
+        (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        return out
+
+
+# -------------------------------------------------------------------------------------------- init_from
+def resolve_dit_checkpoint(path: str | Path) -> tuple[str, Path]:
+    """("ckpt" | "diffusers" | "native", location) of a DiT weights path, or one sentence saying what would work."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
+            if candidate.is_file():
+                return "ckpt", candidate
+        for folder in (p, p / "transformer", p / "export" / "transformer"):
+            if (folder / "dit_config.json").is_file():
+                return "native", folder
+            if (folder / "config.json").is_file():
+                return "diffusers", folder
+    elif p.is_file():
+        return "ckpt", p
+    raise ValueError(f"{str(p)!r} is not a dit run directory (checkpoints/last.ckpt), a .ckpt file, or a diffusers "
+                     "CogVideoXTransformer3DModel / cogvx export directory.")
+
+
+def dit_weights_from(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], str]:
+    """Transformer weights (our parameter names) from any supported source, EMA preferred; plus a description."""
+    from cogvx_train.dit import load_diffusers_transformer, load_dit
+
+    kind, where = resolve_dit_checkpoint(path)
+    if kind == "diffusers":
+        return load_diffusers_transformer(where, dtype=torch.float32).state_dict(), f"diffusers {where}"
+    if kind == "native":
+        return load_dit(where, dtype=torch.float32).state_dict(), f"cogvx export {where}"
+    ckpt = torch.load(where, map_location="cpu", weights_only=False)
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(k.startswith("dit.") for k in state):
+        raise ValueError(f"{where} is not a dit-stage checkpoint (no 'dit.' weights); give a dit run directory, its "
+                         "checkpoints/*.ckpt or a diffusers transformer directory.")
+    weights = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
+    if use_ema and "dit_ema" in ckpt:
+        weights.update(ckpt["dit_ema"]["shadow"])
+        return weights, f"EMA of {where}"
+    return weights, str(where)
+
+
+def load_init_weights(module: DiTTrainingModule, path: str | Path) -> str:
+    """Start a fresh run from another run's weights: a dit checkpoint / run directory (its EMA when present), a
+    cogvx export, or a diffusers CogVideoXTransformer3DModel directory. Optimizer, step and data start fresh; the
+    EMA restarts from the loaded weights. Position encodings hold no parameters (RoPE uses integer positions, the
+    sincos table is recomputed for each token grid), so weights trained at one resolution load at any other."""
+    weights, source = dit_weights_from(path, use_ema=True)
+    own = module.dit.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"{wrong[0]} is {tuple(weights[wrong[0]].shape)} there and {tuple(own[wrong[0]].shape)} here")
+        raise ValueError(f"init_from={path} holds a transformer of another architecture than this run's "
+                         f"({detail}); use the same model size and text_fusion/attention variant.")
+    module.dit.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=True)
+    if module.ema is not None:
+        module.ema = EMA(module.dit, module.ema.decay, module.ema.start_step)
+    log.info("init_from: loaded transformer weights from %s", source)
+    return source
+
+
+def load_for_sampling(path: str | Path, use_ema: bool = True,
+                      device: str | torch.device = "cpu") -> tuple[DiTTrainingModule, str]:
+    """A DiTTrainingModule rebuilt from a dit checkpoint's hyper-parameters with its (EMA) weights, in eval mode on
+    `device`; the frozen VAE and T5 are rebuilt from their specs on first use."""
+    kind, where = resolve_dit_checkpoint(path)
+    if kind != "ckpt":
+        raise ValueError(f"{path} is a bare transformer ({kind}); sampling needs a dit run directory or .ckpt, which "
+                         "also records the VAE, text encoder and noise schedule.")
+    ckpt = torch.load(where, map_location="cpu", weights_only=False)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    if "dit_size" not in hparams:
+        raise ValueError(f"{where} is not a DiTTrainingModule checkpoint (no dit_size in its hyper-parameters).")
+    hparams["use_latent_cache"] = False
+    module = DiTTrainingModule(**hparams)
+    module.on_load_checkpoint(ckpt)
+    weights, source = dit_weights_from(where, use_ema=use_ema)
+    module.dit.load_state_dict(weights, strict=True)
+    module.ema = None  # the chosen weights are loaded into the model itself
+    module.sampling_cfg.use_ema = False
+    return module.to(device).eval(), source

@@ -1,0 +1,165 @@
+"""Peak memory and time of chunked VAE encode/decode against clip length: ours vs diffusers' AutoencoderKLCogVideoX.
+
+Both models share one seeded set of weights (a reduced-channel CogVideoX config) and the same inputs, and run under
+torch.no_grad with the same frame batching: 8 input frames per encoder chunk, 2 latent frames per decoder chunk
+(diffusers' defaults; ours: ``chunk_frames=8``, ``chunk_latent_frames=2``). Outputs are checked to match first.
+
+Every (implementation, frame count) runs in a fresh subprocess, so peak memory is not polluted by earlier runs:
+peak = VmHWM - VmRSS measured around the call, with the high-water mark reset through /proc/self/clear_refs
+(glibc's mmap threshold is pinned so freed activations really leave the process). Time is the median of warm
+runs in that subprocess. Runs are interleaved ours/diffusers/ours/... and repeated; medians are reported.
+
+    python scripts/bench_vae.py [--frames 9 17 33 49 65] [--size 64 96] [--reps 3]
+
+Last line: our peak@49 / peak@9, our peak / diffusers' peak and our time / diffusers' time (medians over frame
+counts), for encode and decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIG = dict(block_out_channels=(32, 64, 64, 128), layers_per_block=2, norm_num_groups=8, latent_channels=16)
+
+
+def _status(field: str) -> int:
+    """A VmXXX field of /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_of(fn) -> tuple[int, object]:
+    """Bytes by which fn() raises the resident set above where it started, and fn's result."""
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status("VmRSS")
+    out = fn()
+    return _status("VmHWM") - before, out
+
+
+def worker(impl: str, frames: int, size: tuple[int, int], weights: str, timed: int) -> dict:
+    """One measurement in this (fresh) process."""
+    import torch
+
+    torch.set_num_threads(2)
+    from safetensors.torch import load_file
+
+    state = load_file(weights)
+    if impl == "ours":
+        from cogvx_train.vae import build_vae
+
+        model = build_vae("tiny", **CONFIG).eval()
+        encode = lambda x: model.encode(x, chunk_frames=8).mean  # noqa: E731
+        decode = lambda z: model.decode(z, chunk_latent_frames=2)  # noqa: E731
+    else:
+        from diffusers import AutoencoderKLCogVideoX
+
+        model = AutoencoderKLCogVideoX(**CONFIG).eval()  # default batching: 8 frames / 2 latent frames
+        encode = lambda x: model.encode(x).latent_dist.mean  # noqa: E731
+        decode = lambda z: model.decode(z).sample  # noqa: E731
+    model.load_state_dict(state)
+    x = torch.randn(1, 3, frames, *size, generator=torch.Generator().manual_seed(0))
+    result = {}
+    with torch.no_grad():
+        result["enc_peak"], z = _peak_of(lambda: encode(x))
+        result["dec_peak"], _ = _peak_of(lambda: decode(z))
+        for phase, fn, arg in (("enc", encode, x), ("dec", decode, z)):
+            times = []
+            for _ in range(timed):
+                start = time.perf_counter()
+                fn(arg)
+                times.append(time.perf_counter() - start)
+            result[f"{phase}_time"] = statistics.median(times)
+    return result
+
+
+def check_outputs_match(weights: str, size: tuple[int, int]) -> float:
+    """Max abs difference of ours vs diffusers (encode mean and decode) on 17 frames."""
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+    from safetensors.torch import load_file
+
+    from cogvx_train.vae import build_vae
+
+    state = load_file(weights)
+    ours, ref = build_vae("tiny", **CONFIG).eval(), AutoencoderKLCogVideoX(**CONFIG).eval()
+    ours.load_state_dict(state)
+    ref.load_state_dict(state)
+    x = torch.randn(1, 3, 17, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z = ref.encode(x).latent_dist.mean
+        diff = (ours.encode(x, chunk_frames=8).mean - z).abs().max()
+        diff = max(diff, (ours.decode(z, chunk_latent_frames=2) - ref.decode(z).sample).abs().max())
+    return float(diff)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[9, 17, 33, 49, 65])
+    parser.add_argument("--size", type=int, nargs=2, default=[64, 96])
+    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every subprocess")
+    parser.add_argument("--timed", type=int, default=3, help="timed runs inside each subprocess")
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "FRAMES", "WEIGHTS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    size = tuple(args.size)
+    if args.worker:
+        impl, frames, weights = args.worker
+        print(json.dumps(worker(impl, int(frames), size, weights, args.timed)))
+        return
+
+    import torch
+    from safetensors.torch import save_file
+
+    from cogvx_train.vae import build_vae
+
+    torch.manual_seed(0)
+    weights = Path(tempfile.mkdtemp()) / "bench_vae.safetensors"
+    save_file({k: v.contiguous() for k, v in build_vae("tiny", **CONFIG).state_dict().items()}, str(weights))
+    print(f"config {CONFIG}, frames {args.frames} at {size[0]}x{size[1]}, {args.reps} interleaved reps, "
+          f"{args.timed} timed runs each, torch {torch.__version__}, 2 threads")
+    print(f"ours vs diffusers, max abs diff on 17 frames (encode mean, decode): {check_outputs_match(str(weights), size):.2e}")
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(args.reps):
+        for frames in args.frames:
+            for impl in ("ours", "diffusers"):
+                cmd = [sys.executable, __file__, "--worker", impl, str(frames), str(weights),
+                       "--size", *map(str, size), "--timed", str(args.timed)]
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                runs.setdefault((impl, frames), []).append(json.loads(out.strip().splitlines()[-1]))
+
+    def med(impl: str, frames: int, key: str) -> float:
+        return statistics.median(r[key] for r in runs[(impl, frames)])
+
+    mib = 2**20
+    print(f"{'frames':>6} | {'enc peak MiB ours/diff':>22} | {'dec peak MiB ours/diff':>22} | "
+          f"{'enc s ours/diff':>16} | {'dec s ours/diff':>16}")
+    for frames in args.frames:
+        cells = [f"{med('ours', frames, k) / mib:9.1f} / {med('diffusers', frames, k) / mib:9.1f}"
+                 for k in ("enc_peak", "dec_peak")]
+        cells += [f"{med('ours', frames, k):6.2f} / {med('diffusers', frames, k):6.2f}" for k in ("enc_time", "dec_time")]
+        print(f"{frames:>6} | " + " | ".join(cells))
+
+    lo, hi = (49 if 49 in args.frames else max(args.frames)), min(args.frames)
+    parts = []
+    for phase in ("enc", "dec"):
+        growth = med("ours", lo, f"{phase}_peak") / med("ours", hi, f"{phase}_peak")
+        mem = statistics.median(med("ours", f, f"{phase}_peak") / med("diffusers", f, f"{phase}_peak") for f in args.frames)
+        tim = statistics.median(med("ours", f, f"{phase}_time") / med("diffusers", f, f"{phase}_time") for f in args.frames)
+        parts.append(f"{phase}: ours peak@{lo}/peak@{hi} {growth:.2f}, peak ours/diffusers {mem:.2f}, "
+                     f"time ours/diffusers {tim:.2f}")
+    print("ratios | " + " | ".join(parts))
+
+
+if __name__ == "__main__":
+    main()
