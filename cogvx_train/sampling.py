@@ -16,6 +16,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -23,6 +24,9 @@ from torch import Tensor
 from cogvx_train.diffusion import GUIDANCE_SCHEDULES, NoiseSchedule
 from cogvx_train.diffusion import sample as ddim_sample
 from cogvx_train.dit.frozen_encoders import keyed_generator, latent_shape
+
+if TYPE_CHECKING:
+    from cogvx_train.dit.module import DiTTrainingModule
 
 
 @dataclass
@@ -160,3 +164,27 @@ def decode_latents(vae, latents: Tensor, scaling_factor: float) -> Tensor:
         z = (latents.float() / scaling_factor).to(next(vae.parameters()).device, dtype)
         video = vae.decode(z, chunk_latent_frames=window)
     return video.float().clamp(-1.0, 1.0)
+
+
+def load_for_sampling(path: str | Path, use_ema: bool = True,
+                      device: str | torch.device = "cpu") -> tuple["DiTTrainingModule", str]:
+    """A DiTTrainingModule rebuilt from a dit checkpoint's hyper-parameters with its (EMA) weights, in eval mode on
+    `device`; the frozen VAE and T5 are rebuilt from their specs on first use."""
+    from cogvx_train.dit.module import DiTTrainingModule, resolve_dit_checkpoint, weights_from_checkpoint
+
+    kind, where = resolve_dit_checkpoint(path)
+    if kind != "ckpt":
+        raise ValueError(f"{path} is a bare transformer ({kind}); sampling needs a dit run directory or .ckpt, which "
+                         "also records the VAE, text encoder and noise schedule.")
+    ckpt = torch.load(where, map_location="cpu", weights_only=False)
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    if "dit_size" not in hparams:
+        raise ValueError(f"{where} is not a DiTTrainingModule checkpoint (no dit_size in its hyper-parameters).")
+    hparams["use_latent_cache"] = False
+    module = DiTTrainingModule(**hparams)
+    module.on_load_checkpoint(ckpt)
+    weights, source = weights_from_checkpoint(ckpt, where, use_ema)
+    module.dit.load_state_dict(weights, strict=True)
+    module.ema = None  # the chosen weights are loaded into the model itself
+    module.sampling_cfg.use_ema = False
+    return module.to(device).eval(), source

@@ -112,12 +112,26 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_precompute_args(parser: argparse.ArgumentParser) -> None:
+    from cogvx_train.data.latent_cache import add_precompute_args as add
+
+    add(parser)
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    from cogvx_train.data.latent_cache import run_precompute as run
+
+    return run(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "manifest": Subcommand("decode-check a folder of videos/images and write a manifest",
                            _add_manifest_args, _run_manifest),
     "summary": Subcommand("print the summary of a manifest", _add_summary_args, _run_summary),
     "synthetic": Subcommand("write the seeded coloured-shapes dataset and its manifest",
                             _add_synthetic_args, _run_synthetic),
+    "precompute": Subcommand("encode a manifest with the frozen VAE and T5 into a latent cache",
+                             add_precompute_args, run_precompute),
 }
 
 

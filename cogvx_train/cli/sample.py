@@ -59,7 +59,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from cogvx_train.dit.module import load_for_sampling
+    from cogvx_train.sampling import load_for_sampling
     from cogvx_train.sampling import sample_videos
 
     prompts = read_prompts(args)

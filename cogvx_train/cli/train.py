@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cogvx_train.config import ConfigError
@@ -79,6 +80,12 @@ def precheck(argv: list[str]) -> None:
             if v not in known:
                 raise ConfigError(f"{key}={v} is not a known {key}; choose one of: {', '.join(known)} "
                                   f"(or add {key}/{v}.yaml to a directory given with --config-dir).")
+    for ov in overrides:
+        key, _, value = ov.partition("=")
+        if key == "resume" and value not in ("", "null") and not Path(value).expanduser().exists():
+            # checked before Hydra, which would otherwise create the directory as the run directory
+            raise ConfigError(f"resume={value} does not exist; give the run directory to continue "
+                              "(outputs/runs/<stage>/<time>) or its checkpoints/last.ckpt.")
     if "stage" not in chosen and "hydra/help" not in chosen:
         raise ConfigError(f"no stage is selected; add stage=<name>, one of: {', '.join(_options('stage', dirs))}.")
     if not multirun:
@@ -164,7 +171,16 @@ def _hydra_entry(cfg: DictConfig) -> None:
     except ConfigError as err:
         for message in err.messages:
             print(f"cogvx-train: error: {message}", file=sys.stderr)
+        _remove_if_empty(Path(HydraConfig.get().runtime.output_dir))
         sys.exit(2)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A rejected config leaves no run directory behind (Hydra creates it before our checks run)."""
+    import shutil
+
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {"train.log", ".hydra"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def main() -> None:

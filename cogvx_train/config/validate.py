@@ -89,7 +89,7 @@ def _positive(cfg: DictConfig, key: str, errors: list[str], allow_zero: bool = F
     if not ok:
         kind = "integer" if integer else "number"
         bound = "≥ 0" if allow_zero else "> 0"
-        errors.append(f"{key}={value!r} must be {"an" if integer else "a"} {kind} {bound}.")
+        errors.append(f"{key}={value!r} must be {'an' if integer else 'a'} {kind} {bound}.")
 
 
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
@@ -144,6 +144,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _positive(cfg, "optim.grad_clip", errors, allow_zero=True)
     _positive(cfg, "optim.weight_decay", errors, allow_zero=True)
     _choice(cfg, "optim.schedule", LR_SCHEDULES, errors)
+    steps, warmup = OmegaConf.select(cfg, "trainer.max_steps"), cfg.optim.warmup_steps
+    if _is_number(steps) and _is_number(warmup) and steps > 0 and warmup > steps:
+        errors.append(f"optim.warmup_steps={warmup} is longer than the run (trainer.max_steps={steps}); "
+                      f"use at most {steps} warmup steps or a longer run.")
     if OmegaConf.select(cfg, "ema.enabled"):
         decay = cfg.ema.decay
         if not _is_number(decay) or not 0 < decay < 1:

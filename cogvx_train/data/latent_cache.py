@@ -152,7 +152,8 @@ def precompute(
     out.mkdir(parents=True, exist_ok=True)
     encoders.to(device)
     storage = DTYPES[latent_dtype]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16_autocast and torch.device(device).type == "cuda")
+    on_cuda = torch.device(device).type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16_autocast and on_cuda)
 
     plan = []  # (bucket, shard number, member indices)
     for b, members in enumerate(dataset.members):

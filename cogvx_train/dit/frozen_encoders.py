@@ -6,7 +6,9 @@ specs (plain values) whenever a run starts, resumes or samples.
 
 The posterior is re-sampled every training step (a fresh eps from a generator keyed on (seed, step, rank)), both
 when encoding on the fly and when reading a latent cache that stores (mean, logvar): the two paths give the same
-latents for the same step. Images are 1-frame videos (the causal VAE encodes frame 0 on its own).
+latents for the same step. Images are 1-frame videos (the causal VAE encodes frame 0 on its own). Encoding runs under whatever autocast
+is active (the trainer's bf16-mixed on GPU, as the released pipelines encode in bf16); the posterior is returned
+in fp32 and everything downstream of it (sampling, scaling, noising) is fp32.
 
 VAE weights can come from
   * a vae-stage run directory or checkpoint (VAETrainingModule: "vae." weights, its EMA under "vae_ema" preferred;
@@ -43,7 +45,7 @@ class VAESpec:
 
     @classmethod
     def from_any(cls, value: "VAESpec | dict[str, Any] | None") -> "VAESpec":
-        return _from_any(cls, value, "model.vae")
+        return plain_config(cls, value, "model.vae")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,13 +61,15 @@ class TextEncoderSpec:
 
     @classmethod
     def from_any(cls, value: "TextEncoderSpec | dict[str, Any] | None") -> "TextEncoderSpec":
-        return _from_any(cls, value, "model.text_encoder")
+        return plain_config(cls, value, "model.text_encoder")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _from_any(cls, value, what: str):
+def plain_config(cls, value, what: str):
+    """A config dataclass from None (defaults), an instance, or a dict of plain values (unknown keys: one sentence
+    naming them and the known ones)."""
     if value is None:
         return cls()
     if isinstance(value, cls):

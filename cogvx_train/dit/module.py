@@ -24,6 +24,15 @@ stepped per optimizer step. Gradients are clipped to `optim.grad_clip` (global L
 Frozen VAE and T5 live in a FrozenEncoders object that is not a child module: not trainable, not in the optimizer,
 not in state_dict or checkpoints, never wrapped by DDP/FSDP/DeepSpeed, never cast by bf16-true, always in eval
 mode. They are rebuilt from their specs (plain values in the hyper-parameters) on start, resume and sampling.
+
+Logged: train/loss, train/lr, train/caption_dropped, train/grad_norm (before clipping), train/loss_tAAA-BBB and
+train/t_count_tAAA-BBB per timestep bucket over the last log_every_n_steps steps of all ranks (NaN = no sample),
+a wandb.Histogram of those timesteps under a WandbLogger, train/tokens_per_s and train/mfu (analytic FLOPs of
+dit.flops_per_step over the wall time between batch ends; peak from `peak_flops` or the device name, none on a
+CPU); validation: val/loss_t100 ... val/loss_t900 (paper Table 9, live weights, fixed noise) and mp4 samples.
+
+Trainer: use_distributed_sampler=False (the datamodules shard by rank themselves). Clipping needs no Trainer
+argument, except under DeepSpeed, whose engine clips only with gradient_clip_val=optim.grad_clip.
 """
 
 from __future__ import annotations
@@ -49,7 +58,7 @@ from cogvx_train.dit.frozen_encoders import (
     FrozenEncoders,
     TextEncoderSpec,
     VAESpec,
-    _from_any,
+    plain_config,
     keyed_generator,
     randn_like_on_cpu,
     sample_latents,
@@ -110,7 +119,7 @@ class SamplingConfig:
 
 
 def _plain(cls, value, what: str):
-    cfg = _from_any(cls, value, what)
+    cfg = plain_config(cls, value, what)
     if isinstance(cfg, OptimConfig):
         cfg.betas = tuple(float(b) for b in cfg.betas)
     if isinstance(cfg, SamplingConfig):
@@ -240,13 +249,20 @@ class DiTTrainingModule(pl.LightningModule):
             encoders = self.encoders(vae=True, text=True)
             mean, logvar = encoders.encode_video(batch["video"])
             text = encoders.encode_text(batch["caption"])
-            t, h, w = batch["video"].shape[2:]
-            self._sample_shape = (int(t), int(h), int(w))
+            self._remember_shape(batch["video"].shape[2:])
         else:
             raise ValueError(f"a DiT batch needs 'video' + 'caption' (frame pack) or 'latents_mean', "
                              f"'latents_logvar', 'text_embeds' (latent cache); got keys {sorted(batch)}.")
         x0 = sample_latents(mean, logvar, generator, self.scaling_factor)
+        if self._sample_shape is None:
+            t, h, w = x0.shape[2:]
+            self._remember_shape(((t - 1) * 4 + 1, h * 8, w * 8))
         return x0, text.to(self.device)
+
+    def _remember_shape(self, thw) -> None:
+        """The pixel (frames, height, width) of the video data, the default shape of samples (stills skipped)."""
+        if int(thw[0]) > 1:
+            self._sample_shape = tuple(int(v) for v in thw)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         from cogvx_train.text import drop_captions
@@ -273,10 +289,13 @@ class DiTTrainingModule(pl.LightningModule):
         self._log_timestep_buckets(t, per_sample.detach(), world)
         return loss
 
-    def _bucket_names(self) -> list[str]:
+    def _bucket_bounds(self) -> list[int]:
         n, k = self.diffusion_cfg.num_train_timesteps, self.diffusion_cfg.loss_buckets
-        bounds = [(i * n) // k for i in range(k + 1)]
-        return [f"t{bounds[i]:03d}-{bounds[i + 1] - 1:03d}" for i in range(k)]
+        return [(i * n) // k for i in range(k + 1)]
+
+    def _bucket_names(self) -> list[str]:
+        bounds = self._bucket_bounds()
+        return [f"t{bounds[i]:03d}-{bounds[i + 1] - 1:03d}" for i in range(len(bounds) - 1)]
 
     def _log_timestep_buckets(self, t: Tensor, per_sample: Tensor, world: int) -> None:
         """Loss per timestep bucket and the timestep histogram over the last log_every_n_steps steps of ALL ranks
@@ -290,8 +309,9 @@ class DiTTrainingModule(pl.LightningModule):
         self._window.append((t, per_sample.float()))
         ts = torch.cat([w[0] for w in self._window])
         losses = torch.cat([w[1] for w in self._window])
-        n, k = self.diffusion_cfg.num_train_timesteps, self.diffusion_cfg.loss_buckets
-        bucket = (ts * k) // n
+        k = self.diffusion_cfg.loss_buckets
+        inner = torch.tensor(self._bucket_bounds()[1:-1], device=ts.device)
+        bucket = torch.bucketize(ts, inner, right=True)  # bounds[i] <= t < bounds[i + 1] -> i
         counts = torch.bincount(bucket, minlength=k).float()
         sums = torch.zeros(k, device=losses.device).scatter_add_(0, bucket, losses)
         means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
@@ -440,10 +460,10 @@ class DiTTrainingModule(pl.LightningModule):
         self.log("val/loss", torch.stack([v.mean() for v in losses.values()]).mean(), on_step=False, on_epoch=True,
                  sync_dist=True, batch_size=b, prog_bar=True)
         if "video" in batch:
-            self._sample_shape = tuple(int(s) for s in batch["video"].shape[2:])
-        elif self._sample_shape is None:
+            self._remember_shape(batch["video"].shape[2:])
+        else:
             t, h, w = batch["latents_mean"].shape[2:]
-            self._sample_shape = ((t - 1) * 4 + 1, h * 8, w * 8)
+            self._remember_shape(((t - 1) * 4 + 1, h * 8, w * 8))
 
     def on_validation_epoch_end(self) -> None:
         if self._trainer is not None and self.trainer.sanity_checking:
@@ -586,7 +606,11 @@ def dit_weights_from(path: str | Path, use_ema: bool = True) -> tuple[dict[str, 
         return load_diffusers_transformer(where, dtype=torch.float32).state_dict(), f"diffusers {where}"
     if kind == "native":
         return load_dit(where, dtype=torch.float32).state_dict(), f"cogvx export {where}"
-    ckpt = torch.load(where, map_location="cpu", weights_only=False)
+    return weights_from_checkpoint(torch.load(where, map_location="cpu", weights_only=False), where, use_ema)
+
+
+def weights_from_checkpoint(ckpt: dict, where: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], str]:
+    """The transformer weights of a loaded dit-stage Lightning checkpoint: its EMA when asked and present."""
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict) or not any(k.startswith("dit.") for k in state):
         raise ValueError(f"{where} is not a dit-stage checkpoint (no 'dit.' weights); give a dit run directory, its "
@@ -618,24 +642,3 @@ def load_init_weights(module: DiTTrainingModule, path: str | Path) -> str:
     log.info("init_from: loaded transformer weights from %s", source)
     return source
 
-
-def load_for_sampling(path: str | Path, use_ema: bool = True,
-                      device: str | torch.device = "cpu") -> tuple[DiTTrainingModule, str]:
-    """A DiTTrainingModule rebuilt from a dit checkpoint's hyper-parameters with its (EMA) weights, in eval mode on
-    `device`; the frozen VAE and T5 are rebuilt from their specs on first use."""
-    kind, where = resolve_dit_checkpoint(path)
-    if kind != "ckpt":
-        raise ValueError(f"{path} is a bare transformer ({kind}); sampling needs a dit run directory or .ckpt, which "
-                         "also records the VAE, text encoder and noise schedule.")
-    ckpt = torch.load(where, map_location="cpu", weights_only=False)
-    hparams = dict(ckpt.get("hyper_parameters") or {})
-    if "dit_size" not in hparams:
-        raise ValueError(f"{where} is not a DiTTrainingModule checkpoint (no dit_size in its hyper-parameters).")
-    hparams["use_latent_cache"] = False
-    module = DiTTrainingModule(**hparams)
-    module.on_load_checkpoint(ckpt)
-    weights, source = dit_weights_from(where, use_ema=use_ema)
-    module.dit.load_state_dict(weights, strict=True)
-    module.ema = None  # the chosen weights are loaded into the model itself
-    module.sampling_cfg.use_ema = False
-    return module.to(device).eval(), source

@@ -66,7 +66,7 @@ def build_datamodule(cfg: DictConfig):
         from cogvx_train.data.latent_cache import LatentCacheDataModule
 
         return LatentCacheDataModule(cache_dir=d.latent_cache, batch_size=d.batch_size, num_workers=d.num_workers,
-                                     seed=cfg.seed)
+                                     seed=cfg.seed, val_count=d.num_val_clips)
     from cogvx_train.data.frame_pack import FramePackDataModule
 
     return FramePackDataModule(
@@ -152,8 +152,7 @@ def build_callbacks(cfg: DictConfig, run: RunDirectory) -> list:
     from cogvx_train.train.distributed import ConfigAgreementCheck, config_hash
 
     callbacks: list = [ConfigAgreementCheck(config_hash(cfg)), RNGStateCallback()]
-    if not cfg.data.latent_cache:
-        callbacks.append(DataPositionCallback(max_failure_rate=cfg.data.max_failure_rate))
+    callbacks.append(DataPositionCallback(max_failure_rate=cfg.data.max_failure_rate))
     if c.get("checkpoint"):
         callbacks.append(build_checkpoint_callback(run.checkpoints, cfg.checkpoint.every_n_steps,
                                                    cfg.checkpoint.keep_last_k))

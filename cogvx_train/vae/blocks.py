@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogvx_train.vae.causal_conv import CausalConv3d, FrameContext
+from cogvx_train.vae.causal_conv import CausalConv3d, FrameContext, conv3d
 from cogvx_train.vae.context_parallel import all_reduce_sum
 
 import torch.distributed as dist
@@ -206,7 +206,7 @@ class ResnetBlock3d(nn.Module):
     def forward(self, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(silu(self._norm(self.norm1, x, zq, ctx)), ctx)
         h = self.conv2(silu(self._norm(self.norm2, h, zq, ctx)), ctx)
-        shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        shortcut = x if self.conv_shortcut is None else conv3d(x, self.conv_shortcut.weight, self.conv_shortcut.bias)
         return h.add_(shortcut)  # conv backward does not need its output, so in place is safe
 
 
@@ -231,7 +231,7 @@ class Downsample3d(nn.Module):
         if self.compress_time:
             x = downsample_time(x, ctx.has_first_frame)
         x = F.pad(x, (0, 1, 0, 1))
-        return F.conv3d(x, self.conv.weight.unsqueeze(2), self.conv.bias, stride=(1, 2, 2))
+        return conv3d(x, self.conv.weight.unsqueeze(2), self.conv.bias, stride=(1, 2, 2))
 
 
 def upsample_nearest(x: torch.Tensor, compress_time: bool, has_first_frame: bool) -> torch.Tensor:
@@ -257,4 +257,4 @@ class Upsample3d(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
         x = upsample_nearest(x, self.compress_time, ctx.has_first_frame)
-        return F.conv3d(x, self.conv.weight.unsqueeze(2), self.conv.bias, padding=(0, 1, 1))
+        return conv3d(x, self.conv.weight.unsqueeze(2), self.conv.bias, padding=(0, 1, 1))

@@ -29,6 +29,23 @@ from torch import nn
 from cogvx_train.vae.context_parallel import exchange_front_halo
 
 
+_MKLDNN = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1, 1), padding=(0, 0, 0)):
+    """F.conv3d, sent straight to oneDNN for float32 CPU tensors.
+
+    PyTorch's CPU heuristic runs batch-1 convs whose C*T*H <= 20480 with its native im2col kernel, whose column
+    buffer is k^3 = 27 times the input: in a chunked CPU run that buffer is the largest allocation and makes a
+    chunk's memory depend on where the heuristic's threshold falls. oneDNN's direct convolution needs no such
+    buffer (and is differentiable through the same aten op). Other devices and dtypes use F.conv3d.
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and _MKLDNN:
+        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, list(padding), list(stride), [1, 1, 1], 1)
+    return F.conv3d(x, weight, bias, stride=stride, padding=padding)
+
+
+
 @dataclass
 class FrameContext:
     """Where the frames of one forward call sit in the whole clip.
@@ -80,17 +97,18 @@ class CausalConv3d(nn.Module):
     def _causal(self, conv: nn.Conv3d, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
         k = self.time_kernel_size
         if k == 1:
-            return conv(x)
+            return conv3d(x, conv.weight, conv.bias, padding=conv.padding)
         front = front_frames(self, x, k - 1, ctx)
         padded = torch.cat([front, x], dim=2)  # [B, C, k-1+T, H, W]
         if ctx.cache is not None:
             # clone: a slice would keep the whole padded chunk alive until the next chunk
             ctx.cache[self] = padded[:, :, -(k - 1):].clone()
-        return conv(padded)
+        return conv3d(padded, conv.weight, conv.bias, padding=conv.padding)
 
     def forward(self, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
         if self.factorized:
-            return self._causal(self.temporal_conv, self.conv(x), ctx)
+            spatial = conv3d(x, self.conv.weight, self.conv.bias, padding=self.conv.padding)
+            return self._causal(self.temporal_conv, spatial, ctx)
         return self._causal(self.conv, x, ctx)
 
     @property

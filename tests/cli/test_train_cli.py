@@ -40,7 +40,7 @@ NOT_A_RUN = "/nonexistent/path"
     (["stage=vae_a1", "model=7b"], "model=7b is not a known model"),
     (["stage=vae_a1", "data.num_frame=17"], "Did you mean data.num_frames?"),
     (["stage=vae_a1", "experiment=demo", "data.num_frames=48"], "is not of the form 4k+1"),
-    (["stage=vae_a1", "experiment=demo", "data.resolutions=[[250,384]]"], "not a multiple of 16; use [256, 384]"),
+    (["stage=vae_a1", "experiment=demo", "data.resolutions=[[250,384]]"], "is not a multiple of 16 (8x VAE downsampling times the 2x2 patches); use [256, 384]"),
     (["stage=vae_a1", "experiment=demo", "data.batch_size=0"], "data.batch_size=0 must be an integer > 0"),
     (["stage=vae_a1", "experiment=demo", f"data.manifest={NOT_A_RUN}/m.jsonl"], "does not exist"),
     (["stage=dit_b2", "experiment=demo"], "add init_from="),

@@ -73,7 +73,8 @@ def test_every_ablation_variant_trains(tiny_module, overrides, timesteps):
     trainer(2, callbacks=[record]).fit(module, train_dataloaders=loader(latent_batch(t=2, h=2, w=4)))
     assert len(record.losses) == 2 and all(math.isfinite(v) for v in record.losses.values())
     moved = [k for k, v in module.dit.state_dict().items() if not torch.equal(v, start[k])]
-    assert "proj_out.weight" in moved and "transformer_blocks.0.norm1.linear.weight" in moved  # adaLN-zero: these move first
+    # adaLN-zero: the output layer and the modulations move first
+    assert "proj_out.weight" in moved and "transformer_blocks.0.norm1.linear.weight" in moved
     if timesteps == "iid":
         assert all(((t >= 0) & (t < 1000)).all() for t in record.timesteps.values())
 
@@ -206,3 +207,14 @@ def test_training_after_a_standalone_validate_on_a_new_token_grid(tmp_path, tiny
     record = Record(module)
     trainer(1, callbacks=[record]).fit(module, train_dataloaders=loader(batch))
     assert math.isfinite(record.losses[0])
+
+
+def test_bucket_statistics_follow_the_bucket_names(tiny_module):
+    module = tiny_module(diffusion={"loss_buckets": 3}, use_latent_cache=True)
+    logged = {}
+    module.log_dict = lambda metrics, **kwargs: logged.update(metrics)
+    t = torch.tensor([0, 332, 333, 665, 666, 999, 999])
+    module._log_timestep_buckets(t, torch.tensor([1.0, 3.0, 5.0, 7.0, 2.0, 4.0, 6.0]), world=1)
+    assert module._bucket_names() == ["t000-332", "t333-665", "t666-999"]
+    assert [float(logged[f"train/t_count_{n}"]) for n in module._bucket_names()] == [2, 2, 3]
+    assert [float(logged[f"train/loss_{n}"]) for n in module._bucket_names()] == [2.0, 6.0, 4.0]

@@ -74,3 +74,22 @@ def test_errors_are_one_line_with_exit_code_2(run_dir, tmp_path, capsys):
     assert main(["--checkpoint", str(run_dir), "--prompt", "x", "--out", str(tmp_path), "--num-frames", "6"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cogvx-sample: error:")]
     assert len(lines) == 3 and "no prompt given" in lines[1] and "4k+1" in lines[2]
+
+
+def test_export_loads_in_diffusers_and_as_init_from(run_dir, tmp_path):
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    from cogvx_train.dit.module import load_init_weights
+    from cogvx_train.sampling import load_for_sampling
+
+    module, _ = load_for_sampling(run_dir)  # EMA weights
+    out = module.export(str(tmp_path / "export"))
+    transformer = CogVideoXTransformer3DModel.from_pretrained(out / "transformer")
+    assert transformer.config.num_layers == module.dit.config.num_layers
+    vae = AutoencoderKLCogVideoX.from_pretrained(out / "vae")
+    assert vae.config.scaling_factor == 0.5
+    scheduler = CogVideoXDDIMScheduler.from_pretrained(out / "scheduler")
+    assert torch.allclose(scheduler.alphas_cumprod.double(), module.schedule.alphas_cumprod, atol=1e-6)
+    fresh = DiTTrainingModule(**module_kwargs(use_latent_cache=True))
+    load_init_weights(fresh, str(out))  # an export directory is a valid init_from
+    assert all(torch.equal(v, module.dit.state_dict()[k]) for k, v in fresh.dit.state_dict().items())
