@@ -2,8 +2,9 @@
 
 Same config, same weights, same inputs. Outputs are checked to match first (fp32 max abs diff <= 1e-5), and the
 analytic FLOP count against torch's FlopCounterMode (within 2%). Then 3 warm-ups each and interleaved A/B reps;
-reported: median step-time ratio (ours / diffusers) and saved-activation bytes ratio (unique storages saved for
-backward during forward, parameters excluded).
+reported: median step-time ratio (ours / diffusers; wall clock, plus process CPU time and the ratio of the fastest
+reps, which a machine shared with other jobs disturbs less) and saved-activation bytes ratio (unique storages saved for backward during forward,
+parameters excluded).
 
     python scripts/bench_dit.py [--reps 9] [--threads 2] [--configs tiny,2k]
 
@@ -108,33 +109,40 @@ def bench(name: str, reps: int) -> tuple[float, float]:
     model_flops = flops_per_step(cfg, batch, frames, height, width, text_tokens, mode="model")
 
     bytes_a, bytes_b = saved_activation_bytes(a), saved_activation_bytes(b)
+    ours.gradient_checkpointing = True
+    bytes_gc = saved_activation_bytes(a)
+    ours.gradient_checkpointing = False
+    tokens = frames * (height // 2) * (width // 2) + text_tokens
+    boundary = cfg.num_layers * batch * tokens * cfg.hidden_size * 4  # the block inputs, fp32
     loss_a, loss_b = a.step(), b.step()  # first step from identical weights
     for _ in range(2):
         a.step(), b.step()
-    times_a, times_b, ratios = [], [], []
+    times_a, times_b, ratios, cpu_ratios = [], [], [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         a.step()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         b.step()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         times_a.append(t1 - t0), times_b.append(t2 - t1), ratios.append((t1 - t0) / (t2 - t1))
-    tokens = frames * (height // 2) * (width // 2) + text_tokens
+        cpu_ratios.append((c1 - c0) / (c2 - c1))
     print(f"[{name}] B={batch} tokens={tokens} layers={cfg.num_layers} hidden={cfg.hidden_size}: "
           f"max|out diff|={diff:.1e}, loss {loss_a:.6f} vs {loss_b:.6f}")
     print(f"[{name}] FLOPs/step: analytic hardware {analytic:.4g} == FlopCounterMode {counted:.4g} "
           f"({100 * (counted / analytic - 1):+.2f}%), model {model_flops:.4g}")
     print(f"[{name}] step time median: ours {1e3 * statistics.median(times_a):.1f} ms, diffusers "
           f"{1e3 * statistics.median(times_b):.1f} ms, median ratio {statistics.median(ratios):.3f} "
-          f"(per-rep {', '.join(f'{r:.2f}' for r in ratios)})")
+          f"(per-rep {', '.join(f'{r:.2f}' for r in ratios)}); CPU-time median ratio "
+          f"{statistics.median(cpu_ratios):.3f}; ratio of the fastest reps {min(times_a) / min(times_b):.3f}")
     print(f"[{name}] saved activations: ours {bytes_a / 2**20:.2f} MiB, diffusers {bytes_b / 2**20:.2f} MiB, "
-          f"ratio {bytes_a / bytes_b:.3f}")
-    return statistics.median(ratios), bytes_a / bytes_b
+          f"ratio {bytes_a / bytes_b:.3f}; ours with gradient checkpointing {bytes_gc / 2**20:.2f} MiB = "
+          f"{bytes_gc / boundary:.2f}x the per-layer block inputs (L*T*d*4 bytes)")
+    return statistics.median(ratios), statistics.median(cpu_ratios), bytes_a / bytes_b
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=9)
+    parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--configs", default="tiny,2k")
     args = parser.parse_args()
@@ -144,7 +152,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
     results = {name: bench(name, args.reps) for name in names}
-    print("ratios ours/diffusers: " + "  ".join(f"{n}: time {t:.3f} act_bytes {m:.3f}" for n, (t, m) in results.items()))
+    print("ratios ours/diffusers: " + "  ".join(f"{n}: time {t:.3f} (cpu {c:.3f}) act_bytes {m:.3f}"
+                                                for n, (t, c, m) in results.items()))
 
 
 if __name__ == "__main__":

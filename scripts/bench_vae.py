@@ -11,8 +11,9 @@ runs in that subprocess. Runs are interleaved ours/diffusers/ours/... and repeat
 
     python scripts/bench_vae.py [--frames 9 17 33 49 65] [--size 64 96] [--reps 3]
 
-Last line: our peak@49 / peak@9, our peak / diffusers' peak and our time / diffusers' time (medians over frame
-counts), for encode and decode.
+"ours-native" is ours with PyTorch's default conv dispatch instead of oneDNN (causal_conv.conv3d), to separate
+the gain of the conv kernel choice from the rest. Last line: our peak@49 / peak@9, our peak / diffusers' peak and
+our time / diffusers' time (medians over frame counts; native-conv variant in brackets), for encode and decode.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 CONFIG = dict(block_out_channels=(32, 64, 64, 128), layers_per_block=2, norm_num_groups=8, latent_channels=16)
+IMPLS = ("ours", "ours-native", "diffusers")
 
 
 def _status(field: str) -> int:
@@ -54,8 +56,13 @@ def worker(impl: str, frames: int, size: tuple[int, int], weights: str, timed: i
     from safetensors.torch import load_file
 
     state = load_file(weights)
-    if impl == "ours":
+    if impl.startswith("ours"):
         from cogvx_train.vae import build_vae
+
+        if impl == "ours-native":  # PyTorch's own conv dispatch instead of oneDNN (see causal_conv.conv3d)
+            import cogvx_train.vae.causal_conv as causal_conv
+
+            causal_conv._MKLDNN = False
 
         model = build_vae("tiny", **CONFIG).eval()
         encode = lambda x: model.encode(x, chunk_frames=8).mean  # noqa: E731
@@ -132,7 +139,7 @@ def main() -> None:
     runs: dict[tuple[str, int], list[dict]] = {}
     for _ in range(args.reps):
         for frames in args.frames:
-            for impl in ("ours", "diffusers"):
+            for impl in IMPLS:
                 cmd = [sys.executable, __file__, "--worker", impl, str(frames), str(weights),
                        "--size", *map(str, size), "--timed", str(args.timed)]
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -142,22 +149,25 @@ def main() -> None:
         return statistics.median(r[key] for r in runs[(impl, frames)])
 
     mib = 2**20
-    print(f"{'frames':>6} | {'enc peak MiB ours/diff':>22} | {'dec peak MiB ours/diff':>22} | "
-          f"{'enc s ours/diff':>16} | {'dec s ours/diff':>16}")
+    print("columns: ours / ours with PyTorch's default conv dispatch (ours-native) / diffusers")
+    print(f"{'frames':>6} | {'enc peak MiB':>21} | {'dec peak MiB':>21} | {'enc s':>18} | {'dec s':>18}")
     for frames in args.frames:
-        cells = [f"{med('ours', frames, k) / mib:9.1f} / {med('diffusers', frames, k) / mib:9.1f}"
-                 for k in ("enc_peak", "dec_peak")]
-        cells += [f"{med('ours', frames, k):6.2f} / {med('diffusers', frames, k):6.2f}" for k in ("enc_time", "dec_time")]
-        print(f"{frames:>6} | " + " | ".join(cells))
+        cells = [" / ".join(f"{med(i, frames, k) / mib:5.0f}" for i in IMPLS) for k in ("enc_peak", "dec_peak")]
+        cells += [" / ".join(f"{med(i, frames, k):4.1f}" for i in IMPLS) for k in ("enc_time", "dec_time")]
+        print(f"{frames:>6} | " + " | ".join(f"{c:>21}" for c in cells[:2]) + " | "
+              + " | ".join(f"{c:>18}" for c in cells[2:]))
 
     lo, hi = (49 if 49 in args.frames else max(args.frames)), min(args.frames)
+    def ratio(a: str, b: str, key: str) -> float:  # median over frame counts
+        return statistics.median(med(a, f, key) / med(b, f, key) for f in args.frames)
+
     parts = []
     for phase in ("enc", "dec"):
         growth = med("ours", lo, f"{phase}_peak") / med("ours", hi, f"{phase}_peak")
-        mem = statistics.median(med("ours", f, f"{phase}_peak") / med("diffusers", f, f"{phase}_peak") for f in args.frames)
-        tim = statistics.median(med("ours", f, f"{phase}_time") / med("diffusers", f, f"{phase}_time") for f in args.frames)
-        parts.append(f"{phase}: ours peak@{lo}/peak@{hi} {growth:.2f}, peak ours/diffusers {mem:.2f}, "
-                     f"time ours/diffusers {tim:.2f}")
+        parts.append(
+            f"{phase}: ours peak@{lo}/peak@{hi} {growth:.2f}, peak ours/diffusers {ratio('ours', 'diffusers', f'{phase}_peak'):.2f} "
+            f"(native conv {ratio('ours-native', 'diffusers', f'{phase}_peak'):.2f}), time ours/diffusers "
+            f"{ratio('ours', 'diffusers', f'{phase}_time'):.2f} (native conv {ratio('ours-native', 'diffusers', f'{phase}_time'):.2f})")
     print("ratios | " + " | ".join(parts))
 
 

@@ -1,7 +1,7 @@
 """CogVideoX expert transformer (DiT): model, sizes, ablation variants, FLOP accounting, checkpoint formats.
 
-    model = build_dit("2b")                                    # or "tiny", "5b"; overrides: build_dit("5b", attention=...)
-    v = model(latents [B, 16, T, H, W], timesteps [B], text_embeds [B, L, 4096])   # -> [B, 16, T, H, W]
+    model = build_dit("2b")  # or "tiny", "5b"; any DiTConfig field as override: build_dit("5b", attention=...)
+    v = model(latents [B, 16, T, H, W], timesteps [B], text_embeds [B, L, 4096])  # -> [B, 16, T, H, W]
 """
 
 from cogvx_train.dit.diffusers_format import (

@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogvx_train.dit.expert_adaln import segments
 from cogvx_train.dit.rope3d import rotate_
 
 ATTENTION_MODES = ("full", "spatial_temporal")
@@ -66,10 +65,10 @@ class _QKNormRoPE(torch.autograd.Function):
         text_len, rows = ctx.text_len, w_q.shape[0]
         grads = []
         for x, w, g, x_stats in ((q, w_q, grad_q, stats[:2 * rows]), (k, w_k, grad_k, stats[2 * rows:])):
-            g = g.clone(memory_format=torch.contiguous_format)
-            if rot is not None:
+            if rot is not None:  # undo the rotation on a copy (the incoming gradient is not ours to modify)
+                g = g.clone(memory_format=torch.contiguous_format)
                 rotate_(g[:, text_len:], rot, inverse=True)
-            grad_x = torch.empty_like(g) if rows > 1 else None
+            grad_x = torch.empty(g.shape, dtype=g.dtype, device=g.device) if rows > 1 else None
             grad_w, grad_b = torch.empty_like(w), torch.empty_like(w)
             for i, ((gs, m), (xs, _)) in enumerate(zip(_modality_blocks(g, rows, text_len),
                                                        _modality_blocks(x, rows, text_len))):
@@ -145,10 +144,13 @@ class JointAttention(nn.Module):
                 nn.Linear(hidden_size, hidden_size) for _ in range(4))
             self.norm_q_text, self.norm_k_text = nn.LayerNorm(head_dim, eps=1e-6), nn.LayerNorm(head_dim, eps=1e-6)
 
-    def _qkv_weights(self, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        """[3D, D] weight and [3D] bias: one matmul instead of three."""
+    def _qkv(self, h: torch.Tensor, suffix: str = "") -> torch.Tensor:
+        """[.., D] -> [.., 3D] q|k|v, as one matmul on the concatenated weights. Wrapped projections (LoRA
+        adapters, parametrizations) are called instead, so the wrapper applies."""
         projs = [getattr(self, f"to_{n}{suffix}") for n in "qkv"]
-        return torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs])
+        if any(type(p) is not nn.Linear for p in projs):
+            return torch.cat([p(h) for p in projs], dim=-1)
+        return F.linear(h, torch.cat([p.weight for p in projs]), torch.cat([p.bias for p in projs]))
 
     def _norm_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """[M, hd] LayerNorm weight and bias rows (vision, text)."""
@@ -159,10 +161,9 @@ class JointAttention(nn.Module):
         """h [B, L+N, D] -> attention output [B, L+N, D]; mode is "full", "spatial" or "temporal"."""
         b, s, d = h.shape
         if self.separate_text:
-            qkv = torch.cat([F.linear(h[:, :text_len], *self._qkv_weights("_text")),
-                             F.linear(h[:, text_len:], *self._qkv_weights())], dim=1)
+            qkv = torch.cat([self._qkv(h[:, :text_len], "_text"), self._qkv(h[:, text_len:])], dim=1)
         else:
-            qkv = F.linear(h, *self._qkv_weights())  # [B, S, 3D]
+            qkv = self._qkv(h)  # [B, S, 3D]
         q, k, v = qkv.view(b, s, 3, self.num_heads, self.head_dim).unbind(2)  # each [B, S, H, hd]
         q, k = qk_norm_rope(q, k, *self._norm_rows("norm_q"), *self._norm_rows("norm_k"), rope, text_len,
                             self.norm_q.eps)

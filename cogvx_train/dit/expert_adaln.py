@@ -8,8 +8,9 @@ variants, M = 1 when both modalities share one modulation (the `shared_adaln` ab
     x = x + gate_m * sublayer(h)
 
 Both equations run as small autograd Functions so that backward keeps only what it cannot cheaply recompute:
-the modulated LayerNorm saves its input (the residual stream) and recomputes the normalised tensor, and the gated
-residual saves the sub-layer output. autograd would also save LN(x) and the modulated copy.
+the modulated LayerNorm saves its input (the residual stream) and the LN statistics (its backward kernel
+recomputes the normalised tensor), and the gated residual saves the sub-layer output. Plain autograd would also
+keep LN(x) and the modulated copy.
 The LayerNorm's own affine (w, b) is folded into the modulation on the small [B, M, D] tensors:
 LN(x)*w + b then *(1+s) + t  ==  x_hat * (w (1+s)) + (b (1+s) + t).
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def plain_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a fused op computes in: autocast's dtype when autocast is on for x's device, else x's dtype."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
@@ -71,6 +72,7 @@ class _ModulatedLayerNorm(torch.autograd.Function):
         grad_x, grad_scale, grad_shift = [], [None] * len(scales), [None] * len(scales)
         for i, ((g, r), (block, _)) in enumerate(zip(row_blocks(grad_h, rows, ctx.text_len),
                                                     row_blocks(x, rows, ctx.text_len))):
+            # the bias argument only has to be present for its gradient (= grad_shift) to be returned
             gx, grad_scale[r], grad_shift[r] = torch.ops.aten.native_layer_norm_backward(
                 g, block, [x.shape[-1]], stats[2 * i], stats[2 * i + 1], scales[r], scales[r], [True, True, True])
             grad_x.append(gx)

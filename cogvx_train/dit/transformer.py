@@ -6,7 +6,15 @@
              h = LN(x)(1 + scale_m) + shift_m ;  x += gate_m * FFN(h)
     out    = proj_out(AdaLN(LN(x_vision))) -> unpatchify           [B, C, T, H, W]
 
-Parameter names follow diffusers' CogVideoXTransformer3DModel (see diffusers_format.py for the two renames).
+Parameter names follow diffusers' CogVideoXTransformer3DModel (see diffusers_format.py for the three renames).
+
+Memory: q/k norm + RoPE, the modulated LayerNorms, the gated residuals and the GELU MLP are small autograd
+Functions that save only what backward cannot cheaply recompute (the GELU output, 4x the hidden size, is
+recomputed). Time: q, k and v come from one matmul; RoPE is one complex multiply.
+The blocks therefore read some Linear weights directly instead of calling the Linear modules. Wrapped layers (LoRA
+adapters, parametrizations) are detected and called. A sharding engine must hold a whole block's weights while
+the block runs: wrap FSDP units at ExpertBlock granularity (no_split_modules) or coarser. DeepSpeed ZeRO-3 runs
+as is (tests/scale trains this model under it).
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cogvx_train.dit.attention import ATTENTION_MODES, JointAttention
 from cogvx_train.dit.embeddings import PatchEmbed, TimestepEmbedding, unpatchify
-from cogvx_train.dit.expert_adaln import ExpertAdaLN, FinalAdaLN, gated_residual, layer_norm, plain_dtype
+from cogvx_train.dit.expert_adaln import ExpertAdaLN, FinalAdaLN, compute_dtype, gated_residual, layer_norm
 from cogvx_train.dit.rope3d import rope3d_frequencies, rope_axis_dims, rotation
 from cogvx_train.dit.sincos3d import sincos3d_embedding
 
@@ -90,7 +98,8 @@ class DiTConfig:
 
 
 DIT_SIZES: dict[str, DiTConfig] = {
-    "tiny": DiTConfig(num_layers=2, num_heads=2, time_embed_dim=64, text_embed_dim=32, sample_frames=3, sample_height=8, sample_width=8),
+    "tiny": DiTConfig(num_layers=2, num_heads=2, time_embed_dim=64, text_embed_dim=32, sample_frames=3,
+                      sample_height=8, sample_width=8),
     "2b": DiTConfig(num_layers=30, num_heads=30, positions="sincos3d"),
     "5b": DiTConfig(num_layers=42, num_heads=48, positions="rope3d"),
 }
@@ -100,9 +109,9 @@ _GELU_K, _GELU_A = 2 * math.sqrt(2 / math.pi), 0.044715  # tanh-GELU(u) = u * si
 
 
 def _gelu_tanh(u: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation. On CPU aten's tanh is not vectorised (2-3x slower than this), so there it
-    runs as the identical u * sigmoid(2z); elsewhere the fused aten kernel."""
-    if u.device.type != "cpu":
+    """GELU with the tanh approximation. For float32 on CPU, where aten's tanh-GELU is not vectorised (2-3x slower
+    than this), it runs as the identical u * sigmoid(2z); elsewhere as the fused aten kernel."""
+    if u.device.type != "cpu" or u.dtype != torch.float32:
         return F.gelu(u, approximate="tanh")
     return (u * u).mul_(_GELU_A * _GELU_K).add_(_GELU_K).mul_(u).sigmoid_().mul_(u)
 
@@ -110,7 +119,7 @@ def _gelu_tanh(u: torch.Tensor) -> torch.Tensor:
 def _gelu_tanh_and_grad(u: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(GELU(u), grad * GELU'(u)) sharing one sigmoid on CPU:
     s = sigmoid(K (u + A u^3)),  GELU = u s,  GELU' = s (1 + u (1 - s) K (1 + 3 A u^2))."""
-    if u.device.type != "cpu":
+    if u.device.type != "cpu" or u.dtype != torch.float32:
         return F.gelu(u, approximate="tanh"), torch.ops.aten.gelu_backward(grad, u, approximate="tanh")
     u2 = u * u
     s = (u2 * (_GELU_A * _GELU_K)).add_(_GELU_K).mul_(u).sigmoid_()
@@ -124,7 +133,7 @@ class _GeluMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, w1, b1, w2, b2):
-        dtype = plain_dtype(h)
+        dtype = compute_dtype(h)
         ctx.dtypes = (h.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
         h, w1, b1, w2, b2 = (t.to(dtype) for t in (h, w1, b1, w2, b2))
         with torch.autocast(h.device.type, enabled=False):
@@ -155,6 +164,9 @@ class FeedForward(nn.Module):
         self.proj_out = nn.Linear(mult * hidden_size, hidden_size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if type(self.proj_in) is not nn.Linear or type(self.proj_out) is not nn.Linear:
+            # wrapped layers (LoRA adapters, parametrizations): call them, so the wrapper applies
+            return self.proj_out(F.gelu(self.proj_in(h), approximate="tanh"))
         return _GeluMLP.apply(h, self.proj_in.weight, self.proj_in.bias, self.proj_out.weight, self.proj_out.bias)
 
 
@@ -184,7 +196,14 @@ class ExpertBlock(nn.Module):
 
 
 class ExpertTransformer(nn.Module):
-    """model(latents [B, C, T, H, W], timesteps [B], text_embeds [B, L, text_dim]) -> prediction [B, C, T, H, W]."""
+    """model(latents [B, C, T, H, W], timesteps [B], text_embeds [B, L, text_dim]) -> prediction [B, C, T, H, W].
+
+    timesteps: int or float, scalar or [B]. text_embeds: 1 <= L <= max_text_tokens tokens, no mask (zeros for the
+    unconditional branch). `gradient_checkpointing` (attribute, initialised from the config) reruns each block in
+    backward.
+    """
+
+    no_split_modules = ("ExpertBlock",)  # the unit FSDP / ZeRO-3 must gather at once (see the module docstring)
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -249,6 +268,8 @@ class ExpertTransformer(nn.Module):
         b = latents.shape[0]
         if text_embeds.dim() != 3 or text_embeds.shape[0] != b or text_embeds.shape[2] != cfg.text_embed_dim:
             raise ValueError(f"text_embeds must be [{b}, L, {cfg.text_embed_dim}], got {tuple(text_embeds.shape)}")
+        if text_embeds.shape[1] < 1:
+            raise ValueError("text_embeds must have at least one token; the unconditional branch uses zeros")
         if text_embeds.shape[1] > cfg.max_text_tokens:
             raise ValueError(f"text_embeds has {text_embeds.shape[1]} tokens but the model accepts at most "
                              f"max_text_tokens={cfg.max_text_tokens}; truncate the prompt embedding")

@@ -20,7 +20,12 @@ log = logging.getLogger("cogvx_train")
 # Per-rank RNG state
 # ----------------------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global generator's state in types `torch.load(weights_only=True)` accepts (Lightning's default when it
+    resumes): numpy's key array travels as a tensor."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -28,7 +33,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -37,47 +43,50 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class RNGStateCallback(Callback):
     """Saves every rank's RNG state in the checkpoint and restores each rank's own on resume.
 
-    Lightning writes the checkpoint from rank 0 only, so the states are all-gathered first. On resume at a
-    different world size, ranks beyond the saved ones are reseeded from (seed, rank) — exactness across a
-    world-size change is not possible anyway, because the global batch is split differently.
+    Exactness needs the training steps to see one unbroken random stream, so the state is taken at the end of
+    every training batch and put back at the start of the next one: whatever runs in between (validation, a
+    checkpoint write, creating the DataLoader iterator, which draws a worker seed from the global generator) never
+    shifts what the next step draws, in an uninterrupted run and in a resumed one alike. A checkpoint stores the
+    states taken at the end of the last batch (all-gathered, since Lightning writes the file from rank 0 only, but
+    every rank builds the checkpoint dict); on resume they are put back at the start of the first batch, after
+    the new DataLoader iterator exists. Ranks beyond the saved ones (resume at a larger world size) keep their
+    (seed, rank) seeding: exactness across a world-size change is not possible anyway.
     """
 
     def __init__(self) -> None:
         self._pending: list[dict[str, Any]] | None = None
-        self._gathered: list[dict[str, Any]] = []
+        self._after_batch: dict[str, Any] | None = None
+        self._trainer_ref = None  # state_dict() gets no trainer argument; set in setup()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"per_rank": self._gathered}
+        return {"per_rank": self._gather(self._trainer_ref) if self._after_batch is not None else []}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict.get("per_rank")
+        self._pending = state_dict.get("per_rank") or None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer_ref = trainer
 
     def _gather(self, trainer) -> list[dict[str, Any]]:
-        mine = rng_state()
-        if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        mine = self._after_batch
+        if trainer is None or trainer.world_size == 1 or not torch.distributed.is_initialized():
             return [mine]
         out: list[Any] = [None] * trainer.world_size
         torch.distributed.all_gather_object(out, mine)
         return out
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Gather only when a checkpoint may be written after this batch (cheap check, collective on all ranks).
-        every = getattr(trainer, "_cogvx_ckpt_every", None)
-        if every is None:
-            every = min([cb._every_n_train_steps for cb in trainer.checkpoint_callbacks
-                         if getattr(cb, "_every_n_train_steps", 0)] or [0])
-            trainer._cogvx_ckpt_every = every
-        step = trainer.global_step
-        if every and step % every == 0 or trainer.should_stop or step >= (trainer.max_steps or math.inf):
-            self._gathered = self._gather(trainer)
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self._pending:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._pending is not None:  # the first batch after a resume
             rank = trainer.global_rank
-            if rank < len(self._pending):
-                set_rng_state(self._pending[rank])
+            if rank < len(self._pending) and self._pending[rank] is not None:
+                pass
                 log.info("restored RNG state of rank %d", rank)
             self._pending = None
+        elif self._after_batch is not None:
+            set_rng_state(self._after_batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._after_batch = rng_state()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,8 +106,8 @@ def peak_flops_per_device() -> float | None:
 class ThroughputMonitor(Callback):
     """Logs perf/step_time_s, perf/data_wait_share, perf/tokens_per_s, perf/mfu and perf/hfu every step.
 
-    Data wait = time from the end of one training batch to the start of the next: the loader's share of the
-    step. Tokens and FLOPs come from the module (`tokens_in_batch(batch)`, `flops_in_batch(batch)` returning
+    Data wait = time from the end of one training batch to the start of the next, less any validation run in
+    between: the loader's share of the step (checkpoint writes at the steps that save one are included). Tokens and FLOPs come from the module (`tokens_in_batch(batch)`, `flops_in_batch(batch)` returning
     (model_flops, hardware_flops)) when it defines them.
     """
 
@@ -106,6 +115,7 @@ class ThroughputMonitor(Callback):
         self._batch_end: float | None = None
         self._batch_start = 0.0
         self._wait = 0.0
+        self._val_start = 0.0
         self.peak = peak_flops_per_device()
         self.totals = {"wait": 0.0, "step": 0.0, "steps": 0}
 
@@ -113,6 +123,13 @@ class ThroughputMonitor(Callback):
         now = time.perf_counter()
         self._wait = now - self._batch_end if self._batch_end is not None else 0.0
         self._batch_start = now
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._batch_end is not None:  # validation is not data wait: move the last batch end past it
+            self._batch_end += time.perf_counter() - self._val_start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if torch.cuda.is_available():
@@ -151,18 +168,35 @@ def grads_finite(parameters) -> bool:
 
 class NonFiniteGuard(Callback):
     """Skips optimizer steps whose gradients are not finite (a NaN/inf loss gives such gradients), counts them,
-    and after `max_consecutive` in a row rolls model and optimizer back to the last good checkpoint.
+    and after `max_consecutive` bad training steps in a row rolls weights, EMA and optimizer moments back to the
+    last good checkpoint.
 
     Skipping = dropping the gradients: AdamW leaves parameters without .grad untouched (no decay, no moments).
-    Gradients are checked after DDP's all-reduce, so every rank takes the same decision.
+    Gradients are checked after DDP's all-reduce, so every rank takes the same decision. The check runs in
+    `on_before_optimizer_step`, which Lightning calls from inside `optimizer.step()` under automatic and manual
+    optimisation alike, so the VAE's generator and discriminator updates are each checked. A training step counts
+    as skipped when any of its optimizer updates was; `train/skipped_nonfinite_steps` (the running total) is logged
+    every step. Step counters, lr schedules and the data position go on through a roll-back, so the batches that
+    gave the non-finite values are not replayed.
+
+    `inject_nan_steps` (config key `debug_inject_nan_steps`) is a test hook: the floating-point tensors of the
+    batches at those global steps are filled with NaN before the step runs, so the whole path (NaN loss, NaN
+    gradients, skip, count, roll-back) can be exercised on a real run.
     """
 
-    def __init__(self, max_consecutive: int = 5, checkpoint_dir: str | None = None) -> None:
+    def __init__(self, max_consecutive: int = 5, checkpoint_dir: str | None = None,
+                 inject_nan_steps: list[int] | tuple[int, ...] = ()) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive={max_consecutive} must be >= 1 (the bad steps in a row that trigger a "
+                             "roll-back).")
         self.max_consecutive = max_consecutive
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.inject_nan_steps = {int(s) for s in inject_nan_steps}
         self.consecutive = 0
         self.total_skipped = 0
         self.rollbacks = 0
+        self._stepped = False  # an optimizer step ran since the last batch end (False while accumulating)
+        self._bad = False      # ... and one of its updates had non-finite gradients
 
     def state_dict(self) -> dict[str, int]:
         return {"total_skipped": self.total_skipped, "rollbacks": self.rollbacks}
@@ -171,19 +205,34 @@ class NonFiniteGuard(Callback):
         self.total_skipped = state_dict.get("total_skipped", 0)
         self.rollbacks = state_dict.get("rollbacks", 0)
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step in self.inject_nan_steps:
+            log.warning("debug_inject_nan_steps: filling the batch of step %d with NaN", trainer.global_step)
+            _fill_floats_with_nan(batch)
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._stepped = True
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if grads_finite(params):
-            self.consecutive = 0
             return
         for p in params:
             p.grad = None
-        self.consecutive += 1
-        self.total_skipped += 1
-        log.warning("non-finite loss or gradients at step %d: step skipped (%d in a row, %d in total)",
-                    trainer.global_step, self.consecutive, self.total_skipped)
-        pl_module.log("train/skipped_nonfinite_steps", float(self.total_skipped), on_step=True, logger=True,
-                      rank_zero_only=True)
+        self._bad = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._stepped:
+            return
+        step = trainer.global_step - 1  # the step this batch ran as
+        if self._bad:
+            self.consecutive += 1
+            self.total_skipped += 1
+            log.warning("non-finite loss or gradients at step %d: step skipped (%d in a row, %d in total)",
+                        step, self.consecutive, self.total_skipped)
+        else:
+            self.consecutive = 0
+        self._stepped = self._bad = False
+        pl_module.log("train/skipped_nonfinite_steps", float(self.total_skipped), on_step=True, on_epoch=False,
+                      logger=True, rank_zero_only=True, batch_size=1)
         if self.consecutive >= self.max_consecutive:
             self.roll_back(trainer, pl_module)
 
@@ -192,12 +241,25 @@ class NonFiniteGuard(Callback):
         if last is None or not last.exists():
             raise RuntimeError(f"{self.consecutive} non-finite steps in a row and no checkpoint to roll back to; "
                                "lower optim.lr or check the data (see the warnings above for the steps).")
-        log.warning("%d non-finite steps in a row: rolling model, EMA and optimizer back to %s",
-                    self.consecutive, last)
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
         trainer.strategy.load_model_state_dict(ckpt, strict=False)
         trainer.strategy.load_optimizer_state_dict(ckpt)
         if hasattr(pl_module, "on_load_checkpoint"):
             pl_module.on_load_checkpoint(ckpt)
+        log.warning("%d non-finite steps in a row: rolled model, EMA and optimizer back to %s (saved at step %s); "
+                    "training goes on from step %d", self.consecutive, last, ckpt.get("global_step"),
+                    trainer.global_step)
         self.consecutive = 0
         self.rollbacks += 1
+
+
+def _fill_floats_with_nan(batch: Any) -> None:
+    if isinstance(batch, torch.Tensor):
+        if batch.is_floating_point():
+            batch.fill_(float("nan"))
+    elif isinstance(batch, dict):
+        for value in batch.values():
+            _fill_floats_with_nan(value)
+    elif isinstance(batch, (list, tuple)):
+        for value in batch:
+            _fill_floats_with_nan(value)

@@ -3,7 +3,7 @@
 * Atomic: every file is written to ``<name>.tmp-<pid>`` in the same directory, fsynced, then renamed over the
   target, so a SIGKILL during a save leaves the previous checkpoint loadable.
 * Keep-last-k: ModelCheckpoint ranks checkpoints by step and deletes the oldest beyond k; ``last.ckpt`` always
-  points at the newest state.
+  holds the newest state. A resume removes the temporary files of a save that was killed.
 * Self-describing: each checkpoint carries ``cogvx`` metadata (resolved config, stage, step, format version).
 """
 
@@ -63,7 +63,19 @@ def build_checkpoint_callback(dirpath: Path, every_n_steps: int, keep_last_k: in
         every_n_train_steps=every_n_steps,
         save_last=True,
         save_on_train_epoch_end=False,
+        # a resumed run re-saves the steps after its checkpoint under the same names: replace them, never add
+        # step-XXXXXXXX-v1.ckpt copies that keep-last-k would not know about
+        enable_version_counter=False,
     )
+
+
+def remove_partial_files(dirpath: str | os.PathLike) -> list[Path]:
+    """Delete the ``*.tmp-<pid>`` files a killed save left behind (the checkpoints themselves are intact)."""
+    dirpath = Path(dirpath)
+    removed = sorted(dirpath.glob("*.tmp-*")) if dirpath.is_dir() else []
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

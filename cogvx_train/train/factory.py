@@ -97,6 +97,7 @@ def build_module(cfg: DictConfig, run: RunDirectory):
             optim=_plain(cfg.optim),
             max_steps=cfg.trainer.max_steps,
             ema_decay=cfg.ema.decay if cfg.ema.enabled else None,
+            ema_start_step=cfg.ema.start_step,
             samples_dir=str(run.samples),
             gradient_checkpointing=cfg.model.gradient_checkpointing,
         )
@@ -164,16 +165,21 @@ def build_callbacks(cfg: DictConfig, run: RunDirectory) -> list:
         callbacks.append(ThroughputMonitor())
     if c.get("nonfinite_guard"):
         callbacks.append(NonFiniteGuard(max_consecutive=c.nonfinite_guard.max_consecutive,
-                                        checkpoint_dir=str(run.checkpoints)))
+                                        checkpoint_dir=str(run.checkpoints),
+                                        inject_nan_steps=list(cfg.get("debug_inject_nan_steps") or [])))
+    if c.get("weight_sync_check"):  # every N steps all data-parallel ranks compare weight checksums
+        from cogvx_train.train.sync_check import WeightSyncCheck
+
+        callbacks.append(WeightSyncCheck(every_n_steps=int(c.weight_sync_check)))
     return callbacks
 
 
 def build_loggers(cfg: DictConfig, run: RunDirectory) -> list:
-    from lightning.pytorch.loggers import CSVLogger
+    from cogvx_train.train.resume import RunCSVLogger
 
     loggers: list = []
     if "csv" in cfg.logger:
-        loggers.append(CSVLogger(save_dir=str(run.path), name="", version=""))
+        loggers.append(RunCSVLogger(run.path))  # continues metrics.csv on resume, flushes every row
     if "wandb" in cfg.logger:
         from cogvx_train.train.wandb_run import build_wandb_logger
 
@@ -202,7 +208,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=build_strategy(t, find_unused_parameters=cfg.task == "vae"),
+        strategy=build_strategy(t, find_unused_parameters=cfg.task == "vae", gradient_clip_val=cfg.optim.grad_clip),
         precision=resolve_precision(str(t.precision), t.accelerator),
         max_steps=t.max_steps,
         log_every_n_steps=t.log_every_n_steps,

@@ -1,15 +1,21 @@
 """`resume=<run dir>`: continue a run exactly, refusing config changes that would make it another run.
 
 What is restored comes from the Lightning checkpoint (model, EMA, every optimizer and scheduler, step, data
-position, per-rank RNG, callback counters) and the run directory (the wandb run id). What may change is a
-documented whitelist (`resume_whitelist` in conf/train.yaml: lr, max_steps, logging, checkpoint cadence, ...).
+position, per-rank RNG, callback counters) and the run directory (the wandb run id, metrics.csv). What may change is
+a documented whitelist (`resume_whitelist` in conf/train.yaml: lr, max_steps, logging, checkpoint cadence, ...).
 """
 
 from __future__ import annotations
 
+import csv
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from cogvx_train.config import ConfigError
@@ -57,8 +63,62 @@ def resume_checkpoint_path(cfg: DictConfig, run: RunDirectory) -> str:
         raise ConfigError(["resume would change settings that make it a different run:"] + [f"  {r}" for r in refused]
                           + ["undo these overrides, or start a new run with init_from= to keep only the weights "
                              f"(changeable on resume: {', '.join(whitelist)})."])
-    import logging
-
     for line in allowed:
         logging.getLogger("cogvx_train").info("resume: allowed change %s", line)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from cogvx_train.train.checkpointing import remove_partial_files
+
+        for p in remove_partial_files(run.checkpoints):
+            logging.getLogger("cogvx_train").info("resume: removed %s, left by a save that was interrupted", p)
     return str(ckpt)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# metrics.csv across kills and resumes
+# ----------------------------------------------------------------------------------------------------------------
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes the metrics.csv it finds. This one keeps it until the first row of the new
+    launch arrives, then keeps the rows of earlier steps and drops those at or after it: the rows a killed launch
+    wrote past its last checkpoint are replaced by the resumed launch's, and the file reads like one run."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._continuing = self._fs.isfile(self.metrics_file_path)
+
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        if getattr(self, "_continuing", False) and step is not None:
+            self._continuing = False
+            self._keep_rows_before(int(step))
+        super().log_metrics(metrics_dict, step)
+
+    def _keep_rows_before(self, step: int) -> None:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) < step]
+        if not rows:
+            self._fs.rm_file(self.metrics_file_path)
+            return
+        tmp = f"{self.metrics_file_path}.tmp"
+        with self._fs.open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+        self.metrics_keys = header
+
+
+class RunCSVLogger(CSVLogger):
+    """`<run>/metrics.csv` that survives kills and resumes: every logged row is on disk at once (a SIGKILL loses
+    nothing that was logged), and a resumed launch continues the file (see _ContinuingWriter) instead of
+    starting it afresh."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        super().__init__(save_dir=str(run_dir), name="", version="", flush_logs_every_n_steps=1)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -1,47 +1,262 @@
 """`trainer=ddp | fsdp | deepspeed_zero2 | deepspeed_zero3`: the distribution strategy, chosen in one place.
 
-DeepSpeed on a CPU: Lightning's DeepSpeedStrategy refuses any accelerator but CUDA, while DeepSpeed itself runs
-on the CPU (its CPU accelerator, gloo). `CPUDeepSpeedStrategy` lifts only that refusal, so the real DeepSpeed
-engine (ZeRO partitioning, its optimizer wrapper, its checkpoints) stays in the loop in CPU tests and CI.
+DeepSpeed gets our own subclass of Lightning's strategy, `CogvxDeepSpeedStrategy`, for three reasons:
+
+* CPU runs. Lightning's DeepSpeedStrategy refuses any accelerator but CUDA and checks CUDA device indices, while
+  DeepSpeed itself runs on the CPU (its CPU accelerator, gloo). On a CPU accelerator the subclass lifts only those
+  two checks, so the real engine (ZeRO partitioning, its optimizer wrapper, its checkpoints) is exercised in CPU
+  tests and CI. Precision there is fp32 ("32-true").
+* Checkpoints that survive a kill. The engine writes a directory of shards (one optimizer file per rank) with
+  plain torch.save. The subclass has every rank write into `<name>.tmp`, fsync, meet at a barrier, and only then
+  rank 0 swaps the finished directory into place, so a crash mid-save leaves the previous checkpoint intact.
+* Resume at another world size. The engine refuses to load ZeRO optimizer shards written by a different number of
+  ranks. When the saved world size differs (or the checkpoint is a single consolidated file), the subclass reads
+  the full fp32 weights, Adam moments and step with `cogvx_train.train.consolidate` (no engine involved) and
+  scatters them into the new engine's partitions; everything else (loops, data position, EMA, schedulers,
+  callbacks) comes back through Lightning as usual. Same world size: the engine's own loader, bit for bit.
+
+Gradient clipping under DeepSpeed happens inside the engine (`gradient_clipping` in its config): the
+LightningModule's `configure_gradient_clipping` is a no-op there, so `build_strategy(gradient_clip_val=...)` puts
+`optim.grad_clip` into the engine config.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import warnings
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from omegaconf import DictConfig
 
+log = logging.getLogger("cogvx_train")
 
-def _deepspeed_strategy_class():
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
-
-    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
-        """DeepSpeedStrategy whose environment setup does not insist on CUDA (everything else is Lightning's)."""
-
-        strategy_name = "cogvx_deepspeed_cpu"
-
-        def setup_environment(self) -> None:
-            DDPStrategy.setup_environment(self)  # skip DeepSpeedStrategy's CUDA-only check
-
-    return CPUDeepSpeedStrategy if not torch.cuda.is_available() else DeepSpeedStrategy
+TIMEOUT = timedelta(minutes=30)
 
 
-def build_strategy(t: DictConfig, find_unused_parameters: bool = False):
+def build_strategy(t: DictConfig, find_unused_parameters: bool = False, gradient_clip_val: float = 0.0):
+    """The Lightning strategy for `trainer.strategy` (ddp | fsdp | deepspeed_zero1/2/3 | a Lightning name).
+
+    `gradient_clip_val` (the run's optim.grad_clip) only matters for DeepSpeed, whose engine does the clipping.
+    """
     name = str(t.strategy)
-    timeout = timedelta(minutes=30)
     if name == "ddp":
-        from lightning.pytorch.strategies import DDPStrategy
-
-        return DDPStrategy(find_unused_parameters=find_unused_parameters, timeout=timeout)
+        return DDPStrategy(find_unused_parameters=find_unused_parameters, timeout=TIMEOUT)
     if name == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
-        return FSDPStrategy(sharding_strategy="FULL_SHARD", state_dict_type="sharded", timeout=timeout)
+        return FSDPStrategy(sharding_strategy="FULL_SHARD", state_dict_type="sharded", timeout=TIMEOUT)
     if name.startswith("deepspeed_zero"):
-        stage = int(name[-1])
-        cls = _deepspeed_strategy_class()
-        return cls(stage=stage, offload_optimizer=bool(t.get("offload_optimizer", False)),
-                   offload_parameters=bool(t.get("offload_parameters", False)), timeout=timeout,
-                   process_group_backend=None if torch.cuda.is_available() else "gloo")
+        return CogvxDeepSpeedStrategy(stage=int(name[-1]), offload_optimizer=bool(t.get("offload_optimizer", False)),
+                                      offload_parameters=bool(t.get("offload_parameters", False)),
+                                      gradient_clip_val=float(gradient_clip_val or 0.0), timeout=TIMEOUT)
     return name
+
+
+def _on_cpu(strategy) -> bool:
+    from lightning.pytorch.accelerators import CPUAccelerator
+
+    return isinstance(strategy.accelerator, CPUAccelerator)
+
+
+def _use_deepspeed_cpu_accelerator() -> None:
+    """DeepSpeed picks CUDA whenever torch sees a GPU; a CPU run must use its CPU accelerator (and gloo)."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def swap_in_directory(tmp: Path, target: Path) -> None:
+    """Put the finished directory `tmp` at `target`, replacing an older one. Directories cannot be renamed over,
+    so the old one steps aside to `<target>.old` first; only the instant between the two renames has no `target`,
+    and then `<target>.old` is a complete checkpoint (`recover_checkpoint_dir` puts it back)."""
+    old = target.with_name(target.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_checkpoint_dir(target: Path) -> Path:
+    """A checkpoint directory that a crash between the two renames of `swap_in_directory` left as `<target>.old`."""
+    old = target.with_name(target.name + ".old")
+    if not target.exists() and old.is_dir():
+        log.warning("%s is missing but %s is complete (a save was interrupted): using it", target, old)
+        os.replace(old, target)
+    return target
+
+
+class CogvxDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy plus CPU runs, atomic sharded saves and resume at another world size (see the
+    module docstring). On CUDA it behaves like the parent except for the last two."""
+
+    strategy_name = "cogvx_deepspeed"
+
+    def __init__(self, *args: Any, gradient_clip_val: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # set before Lightning formats the config, so its "trainer.gradient_clip_val or 0" default does not apply
+        self.config["gradient_clipping"] = float(gradient_clip_val)
+
+    # ------------------------------------------------------------------------------------------ CPU runs
+    def setup_environment(self) -> None:
+        if not _on_cpu(self):
+            return super().setup_environment()
+        _use_deepspeed_cpu_accelerator()
+        DDPStrategy.setup_environment(self)  # DeepSpeedStrategy's own refuses anything but CUDA
+
+    def setup_distributed(self) -> None:
+        if not _on_cpu(self):
+            return super().setup_distributed()
+        from lightning.fabric.utilities.seed import reset_seed
+
+        # the parent also checks that CUDA device indices equal local ranks; CPU devices have no index
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if not _on_cpu(self):
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import argparse
+
+        import deepspeed
+
+        # the parent passes the CUDA device index, which a CPU device does not have (the engine needs a rank >= 0)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False)
+        return engine, ds_optimizer
+
+    def _auto_select_batch_size(self) -> int:
+        """Only DeepSpeed's throughput log uses this; bucket samplers have one batch size per bucket, not one."""
+        loader = self.lightning_module.trainer.fit_loop._data_source
+        if loader.is_defined():
+            size = getattr(getattr(loader.dataloader(), "batch_sampler", None), "batch_size", None)
+            if isinstance(size, int) and size > 0:
+                return size
+        return 1
+
+    def init_deepspeed(self) -> None:
+        with warnings.catch_warnings():
+            # our modules clip in configure_gradient_clipping for DDP/FSDP; here the engine clips (see __init__)
+            warnings.filterwarnings("ignore", message=".*DeepSpeed handles gradient clipping internally.*")
+            super().init_deepspeed()
+
+    # ------------------------------------------------------------------------------------- atomic saves
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
+        """Every rank writes its shards into `<filepath>.tmp`; after all have written and fsynced, rank 0 swaps the
+        directory in. A kill at any moment leaves the previous checkpoint loadable."""
+        target = Path(self.broadcast(str(filepath)))
+        tmp = target.with_name(target.name + ".tmp")
+        if self.is_global_zero and tmp.exists():
+            shutil.rmtree(tmp)  # left over from a save that was killed
+        self.barrier("cogvx_ds_save_start")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        if tmp.exists():
+            _fsync_tree(tmp)
+        self.barrier("cogvx_ds_save_written")
+        if self.is_global_zero:
+            swap_in_directory(tmp, target)
+        self.barrier("cogvx_ds_save_done")
+
+    # ----------------------------------------------------------------------------------------- resume
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        from cogvx_train.train import consolidate
+
+        path = recover_checkpoint_dir(Path(checkpoint_path)) if self.is_global_zero else Path(checkpoint_path)
+        self.barrier("cogvx_ds_load_recover")
+        if path.is_dir():
+            saved = consolidate.deepspeed_world_size(path)
+            if saved == self.world_size and not (self.load_full_weights and self.zero_stage_3):
+                return super().load_checkpoint(path, weights_only)
+            log.warning("%s was written by %d ranks and this run has %d: loading the consolidated fp32 weights, "
+                        "Adam moments and step into the new partitions (DeepSpeed cannot re-partition itself)",
+                        path, saved, self.world_size)
+        full = consolidate.load_full_training_state(path)
+        if self.zero_stage_3:
+            raise RuntimeError(f"{path}: resuming a ZeRO-3 run at another world size is not supported; start a new "
+                               "run with init_from=<the checkpoint> (weights only).")
+        load_full_state_into_engine(self.deepspeed_engine, self.lightning_module, full)
+        return full.client_state
+
+
+def load_full_state_into_engine(engine, module: torch.nn.Module, full) -> None:
+    """Scatter a consolidated training state into a ZeRO-1/2 engine of any world size.
+
+    Weights go into the module (every rank holds them whole under ZeRO-1/2) and into this rank's fp32 master
+    fragments; Adam's moments and step into this rank's slices of the base optimizer's flat state (created here,
+    since torch's AdamW creates it lazily at the first step); learning rates into the param groups, which the
+    restored LR scheduler then continues from.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    own = dict(module.named_parameters())
+    missing = sorted(set(own) - set(full.weights))
+    if missing:
+        raise RuntimeError(f"the checkpoint lacks {len(missing)} parameters of this model (e.g. {missing[:3]}); "
+                           "resume with the same model config.")
+    with torch.no_grad():
+        for name, p in own.items():
+            value = full.weights[name]
+            if value.shape != p.shape:
+                raise RuntimeError(f"checkpoint parameter {name} has shape {tuple(value.shape)}, the model "
+                                   f"{tuple(p.shape)}; resume with the same model config.")
+            p.copy_(value.to(device=p.device, dtype=p.dtype))
+            safe_set_full_fp32_param(p, value.to(p.device).float())
+    zero = engine.optimizer
+    base = zero.optimizer  # the torch AdamW over this rank's flat fp32 partitions
+    flats = zero.single_partition_of_fp32_groups
+    if full.moments:
+        for flat in flats:
+            base.state[flat] = {"step": torch.tensor(float(full.step)), "exp_avg": torch.zeros_like(flat),
+                                "exp_avg_sq": torch.zeros_like(flat)}
+        for name, p in own.items():
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:
+                continue  # no fragment of this parameter lives on this rank
+            flat = flats[mapping.param_group_index]
+            mapping.set_optim_state_fragment(flat, base.state[flat])
+            for key in ("exp_avg", "exp_avg_sq"):
+                safe_set_full_optimizer_state(p, full.moments[key][name].to(flat.device).float(), key)
+    else:
+        log.warning("the checkpoint holds no optimizer moments (saved before the first step?): Adam starts fresh")
+    if full.param_groups and len(full.param_groups) != len(base.param_groups):
+        raise RuntimeError(f"the checkpoint has {len(full.param_groups)} optimizer param groups and this run "
+                           f"{len(base.param_groups)}; resume with the same model and optimizer config.")
+    for group, saved in zip(base.param_groups, full.param_groups):
+        for key in ("lr", "initial_lr"):
+            if key in saved:
+                group[key] = saved[key]

@@ -8,13 +8,13 @@ Public API (videos and latents are [B, C, T, H, W]):
     recon, posterior = vae(x, sample_posterior=True, generator=None)
     vae.last_decoder_layer_weight(), vae.scaling_factor, vae.config
     vae = load_diffusers_vae(path); export_diffusers_vae(vae, out_dir)
-    with context_parallel(vae, group): ...       # see context_parallel.py
+    with temporal_context_parallel(vae, group): ...       # see context_parallel.py
 """
 
 from cogvx_train.vae.autoencoder import VAE_SIZES, CausalVAE, VAEConfig, build_vae
 from cogvx_train.vae.context_parallel import (
     all_reduce_grads,
-    context_parallel,
+    temporal_context_parallel,
     frame_split_sizes,
     gather_frames,
     split_frames_for_rank,
@@ -29,7 +29,7 @@ __all__ = [
     "VAE_SIZES",
     "all_reduce_grads",
     "build_vae",
-    "context_parallel",
+    "temporal_context_parallel",
     "export_diffusers_vae",
     "frame_split_sizes",
     "gather_frames",

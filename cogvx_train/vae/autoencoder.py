@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cogvx_train.vae.blocks import Downsample3d, GroupNorm3d, ResnetBlock3d, SpatialNorm3d, Upsample3d, silu
+from cogvx_train.vae.blocks import Downsample3d, GroupNorm3d, ResnetBlock3d, SpatialNorm3d, Upsample3d, norm_silu_conv
 from cogvx_train.vae.causal_conv import CausalConv3d, FrameContext
 from cogvx_train.vae.posterior import DiagonalGaussian
 
@@ -164,7 +164,7 @@ class Encoder(nn.Module):
         for level in self.down_blocks:
             h = level(h, ctx, None, use_checkpoint)
         h = self.mid_block(h, ctx, None, use_checkpoint)
-        return self.conv_out(silu(self.norm_out(h, ctx)), ctx)
+        return norm_silu_conv(lambda out: self.norm_out(h, ctx, out=out), self.conv_out, h, ctx)
 
 
 class Decoder(nn.Module):
@@ -199,7 +199,7 @@ class Decoder(nn.Module):
         h = self.mid_block(h, ctx, z, use_checkpoint)
         for level in self.up_blocks:
             h = level(h, ctx, z, use_checkpoint)
-        return self.conv_out(silu(self.norm_out(h, z, ctx)), ctx)
+        return norm_silu_conv(lambda out: self.norm_out(h, z, ctx, out=out), self.conv_out, h, ctx)
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -236,10 +236,11 @@ class CausalVAE(nn.Module):
     # ----------------------------------------------------------------------------------------------- weights
     def init_weights(self) -> None:
         """PyTorch default init for convs (as diffusers), GroupNorm to identity; factorized temporal convs start
-        as identity (a delta on the current frame), so a factorized VAE starts as a per-frame 2D VAE."""
+        as the identity (a delta on the current frame), so each factorized conv starts as its per-frame 2D conv."""
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.GroupNorm)):
                 module.reset_parameters()
+        for module in self.modules():  # after the loop above, which would reset the temporal convs again
             if isinstance(module, CausalConv3d) and module.factorized:
                 nn.init.zeros_(module.temporal_conv.weight)
                 nn.init.zeros_(module.temporal_conv.bias)

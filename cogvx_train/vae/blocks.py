@@ -101,12 +101,13 @@ class GroupNorm3d(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps=eps)
         self.window = window
 
-    def forward(self, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: FrameContext, out: torch.Tensor | None = None) -> torch.Tensor:
+        """GroupNorm(x); written into ``out`` when given (no gradient)."""
         single_window = self.window is None or x.shape[2] <= self.window + int(ctx.has_first_frame)
-        if single_window and (ctx.group is None or self.window is not None):
+        if out is None and single_window and (ctx.group is None or self.window is not None):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         scale, shift = group_norm_affine(x, self, self.window, ctx)
-        return torch.addcmul(shift, x, scale)
+        return torch.addcmul(shift, x, scale) if out is None else torch.addcmul(shift, x, scale, out=out)
 
 
 def _fine_view(t: torch.Tensor, frames: int, size: int) -> torch.Tensor:
@@ -120,10 +121,13 @@ def _coarse_view(t: torch.Tensor) -> torch.Tensor:
     return t[:, :, :, None, :, None, :, None]
 
 
-def multiply_add_upsampled(f: torch.Tensor, a: torch.Tensor, c: torch.Tensor, has_first_frame: bool) -> torch.Tensor:
+def multiply_add_upsampled(
+    f: torch.Tensor, a: torch.Tensor, c: torch.Tensor, has_first_frame: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``f * up(a) + up(c)``, up = nearest resize of [B, C, Tz, h, w] to f's size with frame 0 kept apart.
 
-    The coarse tensors are broadcast over f's sub-grid, so no upsampled copy of them is ever made.
+    The coarse tensors are broadcast over f's sub-grid, so no upsampled copy of them is ever made. Without
+    gradients the result goes into ``out`` (or a new tensor) in one pass.
     """
     size = f.shape[-1] // a.shape[-1]
     parts = []  # (fine part, coarse a, coarse c, temporal factor)
@@ -134,7 +138,7 @@ def multiply_add_upsampled(f: torch.Tensor, a: torch.Tensor, c: torch.Tensor, ha
     else:
         parts.append((f, a, c, f.shape[2] // a.shape[2]))
     if not (torch.is_grad_enabled() and (f.requires_grad or a.requires_grad)):
-        out = torch.empty_like(f)
+        out = torch.empty_like(f) if out is None else out
         start = 0
         for fine, ca, cc, frames in parts:
             target = _fine_view(out[:, :, start : start + fine.shape[2]], frames, size)
@@ -161,7 +165,7 @@ class SpatialNorm3d(nn.Module):
         self.conv_y = CausalConv3d(zq_channels, f_channels, kernel_size=1)
         self.conv_b = CausalConv3d(zq_channels, f_channels, kernel_size=1)
 
-    def forward(self, f: torch.Tensor, zq: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+    def forward(self, f: torch.Tensor, zq: torch.Tensor, ctx: FrameContext, out: torch.Tensor | None = None):
         scale, shift = group_norm_affine(f, self.norm_layer, self.norm_layer.window, ctx)  # [B, C, Tf|1, 1, 1]
         if scale.shape[2] > 1:  # per-frame -> per-latent-frame (windows hold whole latent frames)
             frames = (f.shape[2] - 1) // max(zq.shape[2] - 1, 1) if ctx.has_first_frame else f.shape[2] // zq.shape[2]
@@ -170,7 +174,17 @@ class SpatialNorm3d(nn.Module):
             index = torch.where(index < first, index, first + (index - first) * frames)
             scale, shift = scale[:, :, index], shift[:, :, index]
         y, b = self.conv_y(zq, ctx), self.conv_b(zq, ctx)  # [B, C, Tz, h, w]
-        return multiply_add_upsampled(f, scale * y, torch.addcmul(b, shift, y), ctx.has_first_frame)
+        return multiply_add_upsampled(f, scale * y, torch.addcmul(b, shift, y), ctx.has_first_frame, out)
+
+
+def norm_silu_conv(norm, conv: CausalConv3d, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+    """conv(silu(norm(x))). ``norm(out)`` normalises x, into ``out`` when given: without gradients it writes
+    straight into the conv's padded input, so the block holds x, that buffer and the conv output, nothing more."""
+    if torch.is_grad_enabled() or not conv.can_prepad:
+        return conv(silu(norm(None)), ctx)
+    buffer = conv.new_padded_input(x)
+    F.silu(norm(buffer[:, :, conv.time_kernel_size - 1 :]), inplace=True)
+    return conv(buffer, ctx, prepadded=True)
 
 
 class ResnetBlock3d(nn.Module):
@@ -200,12 +214,14 @@ class ResnetBlock3d(nn.Module):
         self.conv2 = CausalConv3d(out_channels, out_channels, 3, factorized)
         self.conv_shortcut = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def _norm(self, norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, ctx: FrameContext) -> torch.Tensor:
-        return norm(x, ctx) if zq is None else norm(x, zq, ctx)
+    @staticmethod
+    def _norm(norm: nn.Module, x: torch.Tensor, zq: torch.Tensor | None, ctx: FrameContext):
+        """norm(x) as a function of the optional output buffer, for norm_silu_conv."""
+        return (lambda out: norm(x, ctx, out=out)) if zq is None else (lambda out: norm(x, zq, ctx, out=out))
 
     def forward(self, x: torch.Tensor, ctx: FrameContext, zq: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(silu(self._norm(self.norm1, x, zq, ctx)), ctx)
-        h = self.conv2(silu(self._norm(self.norm2, h, zq, ctx)), ctx)
+        h = norm_silu_conv(self._norm(self.norm1, x, zq, ctx), self.conv1, x, ctx)
+        h = norm_silu_conv(self._norm(self.norm2, h, zq, ctx), self.conv2, h, ctx)
         shortcut = x if self.conv_shortcut is None else conv3d(x, self.conv_shortcut.weight, self.conv_shortcut.bias)
         return h.add_(shortcut)  # conv backward does not need its output, so in place is safe
 
@@ -219,6 +235,23 @@ def downsample_time(x: torch.Tensor, has_first_frame: bool) -> torch.Tensor:
     return torch.cat([x[:, :, :1], pooled], dim=2) if has_first_frame else pooled
 
 
+def pool_time_and_pad(x: torch.Tensor, compress_time: bool, has_first_frame: bool) -> torch.Tensor:
+    """downsample_time (if compress_time) and a zero row/column at the bottom/right, written in one pass."""
+    b, c, t, h, w = x.shape
+    first = int(has_first_frame) if compress_time else t
+    rest = x[:, :, first:]
+    if rest.shape[2] % 2:
+        raise ValueError(f"Temporal downsampling pairs frames, but {rest.shape[2]} frames follow frame 0 here.")
+    out = x.new_empty(b, c, first + rest.shape[2] // 2, h + 1, w + 1)
+    out[..., h, :] = 0
+    out[..., :h, w] = 0
+    body = out[..., :h, :w]
+    body[:, :, :first] = x[:, :, :first]
+    if rest.shape[2]:
+        torch.add(rest[:, :, 0::2], rest[:, :, 1::2], out=body[:, :, first:]).mul_(0.5)
+    return out
+
+
 class Downsample3d(nn.Module):
     """Optional temporal 2x (frame 0 apart), then a stride-2 3x3 conv per frame after zero-padding right/bottom."""
 
@@ -228,9 +261,11 @@ class Downsample3d(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)  # 2D weights, applied to every frame
 
     def forward(self, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
-        if self.compress_time:
-            x = downsample_time(x, ctx.has_first_frame)
-        x = F.pad(x, (0, 1, 0, 1))
+        if torch.is_grad_enabled():
+            x = downsample_time(x, ctx.has_first_frame) if self.compress_time else x
+            x = F.pad(x, (0, 1, 0, 1))
+        else:
+            x = pool_time_and_pad(x, self.compress_time, ctx.has_first_frame)
         return conv3d(x, self.conv.weight.unsqueeze(2), self.conv.bias, stride=(1, 2, 2))
 
 

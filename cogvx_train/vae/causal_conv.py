@@ -94,22 +94,37 @@ class CausalConv3d(nn.Module):
         else:
             self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, padding=(0, pad, pad))
 
-    def _causal(self, conv: nn.Conv3d, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+    @property
+    def can_prepad(self) -> bool:
+        """Whether a caller may write this conv's input straight into a padded buffer (see new_padded_input)."""
+        return self.time_kernel_size > 1 and not self.factorized
+
+    def new_padded_input(self, like: torch.Tensor) -> torch.Tensor:
+        """An empty [B, C, k-1+T, H, W] buffer for an input shaped like ``like``: the caller writes the input into
+        frames k-1.. and calls ``forward(buffer, ctx, prepadded=True)``, which fills the front frames. This saves
+        the copy (and the second full-size tensor) of ``torch.cat``."""
+        b, c, t, h, w = like.shape
+        return like.new_empty(b, c, self.time_kernel_size - 1 + t, h, w)
+
+    def _causal(self, conv: nn.Conv3d, x: torch.Tensor, ctx: FrameContext, prepadded: bool = False) -> torch.Tensor:
         k = self.time_kernel_size
         if k == 1:
             return conv3d(x, conv.weight, conv.bias, padding=conv.padding)
-        front = front_frames(self, x, k - 1, ctx)
-        padded = torch.cat([front, x], dim=2)  # [B, C, k-1+T, H, W]
+        if prepadded:
+            padded = x
+            padded[:, :, : k - 1] = front_frames(self, padded[:, :, k - 1 :], k - 1, ctx)
+        else:
+            padded = torch.cat([front_frames(self, x, k - 1, ctx), x], dim=2)  # [B, C, k-1+T, H, W]
         if ctx.cache is not None:
             # clone: a slice would keep the whole padded chunk alive until the next chunk
             ctx.cache[self] = padded[:, :, -(k - 1):].clone()
         return conv3d(padded, conv.weight, conv.bias, padding=conv.padding)
 
-    def forward(self, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: FrameContext, prepadded: bool = False) -> torch.Tensor:
         if self.factorized:
             spatial = conv3d(x, self.conv.weight, self.conv.bias, padding=self.conv.padding)
             return self._causal(self.temporal_conv, spatial, ctx)
-        return self._causal(self.conv, x, ctx)
+        return self._causal(self.conv, x, ctx, prepadded)
 
     @property
     def last_weight(self) -> torch.Tensor:

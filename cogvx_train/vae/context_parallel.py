@@ -12,7 +12,8 @@ rank's slice and computes exactly what one process would compute on the whole cl
 
 Frame split rule. With temporal compression 4 a clip has T = 1 + 4K frames, i.e. frame 0 and K groups of 4.
 Rank 0 gets frame 0 plus m_0 groups (1 + 4 m_0 frames), rank r > 0 gets m_r groups (4 m_r frames), m_r >= 1;
-the K groups are shared out as evenly as possible, earlier ranks taking the remainder. Each rank's latent slice
+the K groups are shared out as evenly as possible, earlier ranks taking the remainder. A rank passes 2 frames of
+every layer on, so ranks between the first and the last need m_r >= 2 (2 frames at the deepest layer). Each rank's latent slice
 is then 1 + m_0 (rank 0) or m_r latent frames, and every temporal downsample pairs frames of one rank only.
 With per-window GroupNorm each m_r (but the last rank's) must be a multiple of window/4.
 
@@ -22,7 +23,7 @@ frames must divide by the global frame count, not the local one.
 
 Usage::
 
-    with context_parallel(vae, group):
+    with temporal_context_parallel(vae, group):
         x_local = split_frames_for_rank(x, rank, world)
         recon_local, posterior_local = vae(x_local)
 """
@@ -86,10 +87,10 @@ class _FrontHalo(torch.autograd.Function):
 
 def exchange_front_halo(x: torch.Tensor, num: int, group) -> torch.Tensor:
     """The ``num`` frames before this rank's ``x`` ([B, C, num, H, W]); differentiable. Called by every rank."""
-    if x.shape[2] < num:
+    if x.shape[2] < num and dist.get_rank(group) < dist.get_world_size(group) - 1:
         raise ValueError(
-            f"A context-parallel slice has {x.shape[2]} frames at a layer whose causal conv needs {num}; "
-            "give each rank more frames."
+            f"A context-parallel slice has {x.shape[2]} frames at a layer whose causal conv must pass {num} on to "
+            "the next rank; give every rank but the last at least 2 latent frames (split with frame_split_sizes)."
         )
     return _FrontHalo.apply(x, num, group)
 
@@ -118,10 +119,12 @@ def frame_split_sizes(
     per_rank = [units // world + (r < units % world) for r in range(world)]
     sizes = [n * unit * time_compression for n in per_rank]
     sizes[-1] += tail * time_compression
-    if any(size == 0 for size in sizes):
+    # every rank but the last passes k-1 = 2 frames of its deepest layer on, so it needs 2 of them there
+    if any(size == 0 for size in sizes) or any(size < 2 * time_compression for size in sizes[1:-1]):
         raise ValueError(
             f"{num_frames} frames cannot be split over {world} ranks so that each rank gets at least "
-            f"{unit * time_compression} frames; use fewer ranks or a longer clip."
+            f"{unit * time_compression} frames (ranks between the first and the last: {2 * time_compression}); "
+            "use fewer ranks or a longer clip."
         )
     sizes[0] += 1
     return sizes
@@ -161,7 +164,7 @@ def all_reduce_grads(module: nn.Module, group) -> None:
 
 
 @contextlib.contextmanager
-def context_parallel(vae, group) -> Iterator[None]:
+def temporal_context_parallel(vae, group) -> Iterator[None]:
     """Run ``vae`` on this rank's slice of each clip inside the block (see the module docstring)."""
     vae.enable_context_parallel(group)
     try:

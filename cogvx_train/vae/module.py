@@ -275,7 +275,11 @@ class VAETrainingModule(pl.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.generator_step = int(checkpoint.get("vae_generator_step", checkpoint.get("global_step", 0)))
+        saved_step = int(checkpoint.get("vae_generator_step", checkpoint.get("global_step", 0)))
+        if self._trainer is None or self.trainer.global_step == 0:
+            self.generator_step = saved_step  # resume / load: Lightning restores global_step to the same value
+        # else: a mid-run roll-back of the weights (the non-finite guard); the step count goes on, as the
+        # trainer's global_step and the lr schedulers do
         if self.ema is not None:
             if "vae_ema" in checkpoint:
                 self.ema.load_state_dict(checkpoint["vae_ema"])

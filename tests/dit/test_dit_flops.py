@@ -7,7 +7,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from cogvx_train.dit import DIT_SIZES, ExpertTransformer, build_dit, count_parameters, flop_counter_mapping, flops_per_step, mfu
+from cogvx_train.dit import (
+    DIT_SIZES,
+    ExpertTransformer,
+    build_dit,
+    count_parameters,
+    flop_counter_mapping,
+    flops_per_step,
+    mfu,
+)
 from cogvx_train.dit.transformer import TEXT_FUSIONS
 
 LATENT = (2, 16, 3, 4, 6)

@@ -65,6 +65,8 @@ def test_bad_inputs_raise_one_clear_sentence():
         model(latents[..., :5], t, text)
     with pytest.raises(ValueError, match="max_text_tokens"):
         model(latents, t, torch.randn(2, 9, 32))
+    with pytest.raises(ValueError, match="at least one token"):
+        model(latents, t, torch.randn(2, 0, 32))
     with pytest.raises(ValueError, match="text_embeds must be"):
         model(latents, t, torch.randn(2, 8, 31))
     with pytest.raises(ValueError, match="timesteps"):
@@ -181,3 +183,40 @@ def test_config_is_a_plain_frozen_dataclass():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.num_layers = 3
     assert isinstance(build_dit("tiny").config, DiTConfig)
+
+
+class _LowRank(torch.nn.Module):
+    """A LoRA-style wrapper: base Linear plus a trainable low-rank update."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 2):
+        super().__init__()
+        self.base = base
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.zeros_(self.up.weight)
+
+    def forward(self, x):
+        return self.base(x) + self.up(self.down(x))
+
+
+def test_wrapped_projections_are_called_so_adapters_apply():
+    model = randomized(build_dit("tiny"))
+    latents, t, text = inputs()
+    with torch.no_grad():
+        plain = model(latents, t, text)
+    for block in model.transformer_blocks:
+        for name in ("to_q", "to_v"):
+            setattr(block.attn1, name, _LowRank(getattr(block.attn1, name)))
+        block.ff.proj_in = _LowRank(block.ff.proj_in)
+    with torch.no_grad():
+        assert torch.allclose(model(latents, t, text), plain, atol=1e-5)  # zero-initialised adapters: same model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = [m for m in model.modules() if isinstance(m, _LowRank)]
+    for a in adapters:
+        a.up.weight.requires_grad_(True)
+    model(latents, t, text).square().mean().backward()
+    assert all(a.up.weight.grad.abs().sum() > 0 for a in adapters)
+    with torch.no_grad():
+        adapters[0].up.weight.normal_()
+        assert (model(latents, t, text) - plain).abs().max() > 1e-3

@@ -133,3 +133,11 @@ def test_checkpoint_round_trip_keeps_step_counter_ema_and_resumes(run, tmp_path)
     opt_g, opt_d = trainer2.optimizers
     assert adam_steps(opt_g) == MAX_STEPS + 2 and adam_steps(opt_d) == MAX_STEPS + 2 - DISC_START
     assert resumed.ema.num_updates == module.ema.num_updates + 2
+
+
+def test_mid_run_weight_rollback_does_not_rewind_the_step_counter(run):
+    """The non-finite guard reloads weights mid-run through on_load_checkpoint; the trainer's step count (and the
+    lr schedulers) go on, so the generator step must too."""
+    _, module, trainer, _, _ = run
+    module.on_load_checkpoint({"vae_generator_step": 2, "state_dict": {}, "vae_ema": module.ema.state_dict()})
+    assert module.generator_step == trainer.global_step == MAX_STEPS

@@ -106,3 +106,15 @@ def test_bf16_mixed_precision_keeps_losses_fp32(tmp_path):
     trainer.fit(module, loader(num_clips=1, frames=1))  # one frame: CPU bf16 convolutions are slow
     assert outputs and all(v.dtype == torch.float32 and torch.isfinite(v) for v in outputs[0].values())
     assert all(p.dtype == torch.float32 for p in module.vae.parameters())
+
+
+def test_reconstruction_video_goes_to_wandb_when_that_logger_is_on(trained, tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import WandbLogger
+
+    _, module, _, _ = trained
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="cogvx-test")
+    trainer = pl.Trainer(accelerator="cpu", logger=logger, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, loader(num_clips=1), verbose=False)
+    logger.experiment.finish()
+    assert list(tmp_path.glob("wandb/*/files/media/videos/val/reconstruction_*.mp4"))

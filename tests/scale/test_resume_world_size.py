@@ -1,0 +1,63 @@
+"""Resume at another world size. A run trained by 2 ranks continues on 1 (`resume=<run dir>` with
+trainer.devices=1): the step counter, the optimizer (Adam's step), the LR schedule and the data position carry on.
+DDP checkpoints are whole, so Lightning reloads them at any world size; a DeepSpeed ZeRO-2 checkpoint is sharded
+per rank, and the engine refuses other world sizes, so CogvxDeepSpeedStrategy merges the shards (consolidate.py)
+and scatters weights, moments and step into the new partitions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from scale_helpers import TINY_DIT, env_for, free_port, launch, run_dir, single, torchrun
+
+from cogvx_train.train.consolidate import read_deepspeed_checkpoint
+
+
+def train_two_then_one(tmp_path, cache_dir, vae, strategy: list[str]):
+    out = tmp_path / "outputs"
+    env = env_for(cache_dir, out)
+    base = [*TINY_DIT, f"model.vae.weights={vae}", *strategy]
+    launch([torchrun(2, free_port(), [*base, "trainer.devices=2", "trainer.max_steps=4"])], env, tmp_path)
+    run = run_dir(out)
+    outputs = launch([single([*base, "trainer.devices=1", "trainer.max_steps=6", f"resume={run}"])], env, tmp_path)
+    assert run_dir(out) == run  # the same run directory continues
+    assert json.loads((run / "DONE.json").read_text())["global_step"] == 6
+    assert (run / "command.txt").read_text().count("resume=") == 1
+    return run, outputs[0]
+
+
+def check_continued(state: dict) -> None:
+    assert state["global_step"] == 6
+    assert state["lr_schedulers"][0]["last_epoch"] == 6  # the LR schedule continued rather than restarting
+    position = state["FramePackDataModule"]
+    # global batches: 2 ranks x 4 steps, then 1 rank x 2 steps -> the 10 first batches of the epoch, each once
+    assert (position["epoch"], position["consumed"]) == (0, 10)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_ddp_run_of_two_ranks_continues_on_one(tmp_path, cache_dir, tiny_vae_dir):
+    run, output = train_two_then_one(tmp_path, cache_dir, tiny_vae_dir, ["trainer=ddp"])
+    assert "allowed change trainer.devices: 2 -> 1" in output
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    check_continued(ckpt)
+    adam = ckpt["optimizer_states"][0]["state"]
+    assert {int(s["step"]) for s in adam.values()} == {6}  # Adam's moments were restored, not restarted
+    assert ckpt["dit_ema"]["num_updates"] == 6
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_deepspeed_zero2_run_of_two_ranks_continues_on_one(tmp_path, cache_dir, tiny_vae_dir):
+    run, output = train_two_then_one(tmp_path, cache_dir, tiny_vae_dir, ["trainer=deepspeed_zero2"])
+    assert "was written by 2 ranks and this run has 1" in output
+    full = read_deepspeed_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert full.world_size == 1
+    check_continued(full.client_state)
+    assert full.step == 6 and full.client_state["dit_ema"]["num_updates"] == 6
+    step4 = read_deepspeed_checkpoint(run / "checkpoints" / "step-00000004.ckpt")
+    assert step4.world_size == 2 and step4.step == 4
+    changed = [k for k in step4.weights if not torch.equal(step4.weights[k], full.weights[k])]
+    assert len(changed) > len(full.weights) // 2  # and it trained on from there
