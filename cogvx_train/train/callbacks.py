@@ -79,7 +79,7 @@ class RNGStateCallback(Callback):
         if self._pending is not None:  # the first batch after a resume
             rank = trainer.global_rank
             if rank < len(self._pending) and self._pending[rank] is not None:
-                pass
+                set_rng_state(self._pending[rank])
                 log.info("restored RNG state of rank %d", rank)
             self._pending = None
         elif self._after_batch is not None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
 
+# Lightning warns at every save under manual optimisation (the VAE) that the file holds the weights after the
+# optimizer step; that is what a checkpoint of step N must hold here.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also saves the state the run ends with.
+
+    Lightning saves only every `every_n_train_steps`; a run whose max_steps is not a multiple of it would leave
+    last.ckpt behind its final weights, and `init_from=<run>` (the next curriculum stage) or a resume with a larger
+    max_steps would start from an older state than the one the run finished with (and exported).
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips when this step was saved already
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+
 def build_checkpoint_callback(dirpath: Path, every_n_steps: int, keep_last_k: int) -> ModelCheckpoint:
-    return ModelCheckpoint(
+    return StepCheckpoint(
         dirpath=str(dirpath),
         filename="step-{step:08d}",
         auto_insert_metric_name=False,

@@ -198,6 +198,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
     """Lightning Trainer; VAE stages need find_unused_parameters (D has no gradients before disc_start)."""
     from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from cogvx_train.train.checkpointing import AtomicCheckpointIO
     from cogvx_train.train.strategies import build_strategy
@@ -221,7 +222,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
         plugins=[AtomicCheckpointIO()],
         callbacks=callbacks,
         logger=loggers or False,
-        enable_checkpointing=any(type(cb).__name__ == "ModelCheckpoint" for cb in callbacks),
+        enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks),
         default_root_dir=None,
         **extra,
     )

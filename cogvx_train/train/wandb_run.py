@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
+import string
 
 from omegaconf import DictConfig
 
@@ -33,9 +35,8 @@ def run_id(run: RunDirectory) -> str:
     path = run.path / "wandb_id.txt"
     if path.exists():
         return path.read_text().strip()
-    import wandb
-
-    rid = wandb.util.generate_id()
+    # wandb's own generator moved between releases (wandb.util -> wandb.sdk.lib.runid): make the same kind of id
+    rid = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     if int(os.environ.get("RANK", "0")) == 0:
         run.path.mkdir(parents=True, exist_ok=True)
         path.write_text(rid)

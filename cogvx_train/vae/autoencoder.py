@@ -282,13 +282,14 @@ class CausalVAE(nn.Module):
             )
 
     # ------------------------------------------------------------------------------------- frame passes
-    def _frames(self, net: nn.Module, x: torch.Tensor, chunk: int | None, window: int | None, first: int,
-                time_out: int) -> torch.Tensor:
-        """Run ``net`` over the frames of ``x`` in one pass, context-parallel, or in chunks of ``first`` + chunk,
-        then chunk frames, carrying the causal-conv cache; ``time_out`` = output frames per input frame."""
+    def _frames(self, net: nn.Module, x: torch.Tensor, chunk: int | None, window: int | None,
+                time_out: float) -> torch.Tensor:
+        """Run ``net`` over the frames of ``x`` in one pass, context-parallel, or in chunks of 1 + chunk, then chunk
+        frames, carrying the causal-conv cache; ``time_out`` = output frames per input frame after frame 0."""
         if self.cp_group is not None:
             if chunk is not None:
-                raise ValueError("Chunking and context parallelism do not combine; pass chunk=None inside context_parallel.")
+                raise ValueError("Chunking and context parallelism do not combine; leave the chunk size at None "
+                                 "inside temporal_context_parallel.")
             rank, world = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
             if window is not None and rank < world - 1 and (x.shape[2] - (rank == 0)) % window:
                 raise ValueError(
@@ -297,7 +298,7 @@ class CausalVAE(nn.Module):
                 )
             return net(x, FrameContext(has_first_frame=rank == 0, group=self.cp_group))
         frames = x.shape[2]
-        if chunk is None or frames <= first + chunk:
+        if chunk is None or frames <= 1 + chunk:
             return net(x, FrameContext())
         if window is None:
             raise ValueError(
@@ -307,7 +308,7 @@ class CausalVAE(nn.Module):
             )
         if chunk < 1 or chunk % window:
             raise ValueError(f"The chunk size must be a positive multiple of the GroupNorm window {window}, got {chunk}.")
-        bounds = [(0, first + chunk)] + [(s, min(s + chunk, frames)) for s in range(first + chunk, frames, chunk)]
+        bounds = [(0, 1 + chunk)] + [(s, min(s + chunk, frames)) for s in range(1 + chunk, frames, chunk)]
         ctx, out = FrameContext(cache={}), None
         for i, (start, end) in enumerate(bounds):
             ctx.has_first_frame = i == 0
@@ -350,7 +351,7 @@ class CausalVAE(nn.Module):
         ratio = cfg.temporal_compression_ratio
 
         def run(frames: torch.Tensor) -> torch.Tensor:
-            return self._frames(self.encoder, frames, chunk_frames, cfg.encoder_norm_window, 1, 1 / ratio)
+            return self._frames(self.encoder, frames, chunk_frames, cfg.encoder_norm_window, 1 / ratio)
 
         s = cfg.spatial_compression
         moments = self._tiled(run, x, cfg.tile_sample_size, cfg.tile_overlap, 1 / s) if tile else run(x)
@@ -365,7 +366,7 @@ class CausalVAE(nn.Module):
         ratio = cfg.temporal_compression_ratio
 
         def run(latents: torch.Tensor) -> torch.Tensor:
-            return self._frames(self.decoder, latents, chunk_latent_frames, cfg.decoder_norm_window, 1, ratio)
+            return self._frames(self.decoder, latents, chunk_latent_frames, cfg.decoder_norm_window, ratio)
 
         if not tile:
             return run(z)

@@ -19,14 +19,15 @@ windowed, context-parallel and spatially-conditioned cases share one code path (
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from cogvx_train.vae.causal_conv import CausalConv3d, FrameContext, conv3d
 from cogvx_train.vae.context_parallel import all_reduce_sum
-
-import torch.distributed as dist
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,7 @@ def _window_stats(x: torch.Tensor, groups: int, bounds, ctx: FrameContext, whole
     mean, var = torch.stack(means, -1), torch.stack(variances, -1)
     if whole_clip and ctx.group is not None:
         # Combine (count, mean, var) of every rank: global mean first, then the within + between variance.
-        count = torch.tensor([float(counts[0])], dtype=torch.float64)
+        count = torch.tensor([float(counts[0])], dtype=torch.float64, device=x.device)  # NCCL needs it on the GPU
         dist.all_reduce(count, group=ctx.group)
         total = float(count.item())
         mean_all = all_reduce_sum(mean * (counts[0] / total), ctx.group)
@@ -177,7 +178,9 @@ class SpatialNorm3d(nn.Module):
         return multiply_add_upsampled(f, scale * y, torch.addcmul(b, shift, y), ctx.has_first_frame, out)
 
 
-def norm_silu_conv(norm, conv: CausalConv3d, x: torch.Tensor, ctx: FrameContext) -> torch.Tensor:
+def norm_silu_conv(
+    norm: Callable[[torch.Tensor | None], torch.Tensor], conv: CausalConv3d, x: torch.Tensor, ctx: FrameContext
+) -> torch.Tensor:
     """conv(silu(norm(x))). ``norm(out)`` normalises x, into ``out`` when given: without gradients it writes
     straight into the conv's padded input, so the block holds x, that buffer and the conv output, nothing more."""
     if torch.is_grad_enabled() or not conv.can_prepad:

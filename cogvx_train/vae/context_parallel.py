@@ -145,7 +145,7 @@ def split_frames_for_rank(
 def gather_frames(x_local: torch.Tensor, group) -> torch.Tensor:
     """Concatenate every rank's slice along T in rank order (not differentiable; for inspection and tests)."""
     world = dist.get_world_size(group)
-    length = torch.tensor([x_local.shape[2]], dtype=torch.long)
+    length = torch.tensor([x_local.shape[2]], dtype=torch.long, device=x_local.device)
     lengths = [torch.zeros_like(length) for _ in range(world)]
     dist.all_gather(lengths, length, group=group)
     longest = int(max(lengths).item())

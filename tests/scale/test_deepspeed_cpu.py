@@ -9,7 +9,9 @@ import json
 
 import pytest
 import torch
-from scale_helpers import TINY_DIT, env_for, free_port, launch, run_dir, sync_digests, torchrun
+from safetensors.torch import load_file
+from scale_helpers import (TINY_DIT, consolidate_without_deepspeed, env_for, free_port, launch, run_dir, sync_digests,
+                           torchrun)
 
 from cogvx_train.train.consolidate import load_pickle, read_deepspeed_checkpoint
 
@@ -48,6 +50,14 @@ def test_zero2_two_ranks_train_in_sync_and_write_a_sharded_checkpoint(tmp_path, 
     assert set(module) == set(full.weights)
     assert all(torch.equal(module[k].float(), full.weights[k]) for k in module)
     assert full.client_state["global_step"] == 4 and full.client_state["dit_ema"]["num_updates"] == 4
+
+    # one safetensors file, converted where `import deepspeed` fails: fp32 weights plus the EMA
+    consolidate_without_deepspeed(last, tmp_path / "model.safetensors")
+    tensors = load_file(tmp_path / "model.safetensors")
+    shadow = full.client_state["dit_ema"]["shadow"]
+    assert set(tensors) == set(module) | {f"ema.dit.{k}" for k in shadow}
+    assert all(torch.equal(tensors[k], full.weights[k]) for k in module)
+    assert all(torch.equal(tensors[f"ema.dit.{k}"], v.float()) for k, v in shadow.items())
 
 
 @pytest.mark.distributed

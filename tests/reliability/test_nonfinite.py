@@ -1,0 +1,100 @@
+"""Non-finite guard on real runs (`debug_inject_nan_steps` fills chosen batches with NaN): a NaN step is skipped
+(weights unchanged), counted (train/skipped_nonfinite_steps), and `max_consecutive` of them in a row roll weights,
+EMA and optimizer back to the last checkpoint. DiT = automatic optimisation; VAE = manual, with G and D updates."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from reliability_helpers import SMALL, SMALL_VAE, metrics_by_step
+
+from cogvx_train.train.callbacks import NonFiniteGuard
+
+# step 1: one NaN batch (skipped); steps 4, 5: two in a row -> roll back to the step-3 checkpoint after step 5
+INJECT = [1, 4, 5]
+OVERRIDES = ["trainer.max_steps=7", "checkpoint.every_n_steps=3", "callbacks.nonfinite_guard.max_consecutive=2",
+             f"debug_inject_nan_steps=[{','.join(map(str, INJECT))}]"]
+
+
+class WeightRecorder(Callback):
+    """The trainable weights after every step, per sub-model (after the guard has acted on the step)."""
+
+    def __init__(self, parts: tuple[str, ...]):
+        self.parts = parts
+        self.after: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after.append({part: torch.cat([p.detach().flatten() for p in getattr(pl_module, part).parameters()
+                                            if p.requires_grad]).clone() for part in self.parts})
+
+
+def _train(overrides: list[str], run_path, recorder: WeightRecorder):
+    from hydra import compose, initialize_config_module
+
+    from cogvx_train.config import resolvers
+    from cogvx_train.train import factory
+    from cogvx_train.train.run_dir import RunDirectory
+
+    resolvers.register()
+    with initialize_config_module(config_module="cogvx_train.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    run = RunDirectory(run_path)
+    factory.check_config(cfg, 1)
+    factory.seed_everything(cfg.seed)
+    datamodule, module = factory.build_datamodule(cfg), factory.build_module(cfg, run)
+    callbacks = [*factory.build_callbacks(cfg, run), recorder]
+    assert any(isinstance(cb, NonFiniteGuard) and cb.inject_nan_steps == set(INJECT) for cb in callbacks)
+    trainer = factory.build_trainer(cfg, callbacks, factory.build_loggers(cfg, run))
+    trainer.fit(module, datamodule=datamodule)
+    return run, trainer
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kind", ["dit", "vae"])
+def test_nan_steps_are_skipped_counted_and_rolled_back(kind, tmp_path, cache_dir, dataset, tiny_vae_dir, caplog):
+    torch.set_num_threads(1)
+    if kind == "dit":
+        overrides, parts = ["stage=dit_b1", *SMALL, f"model.vae.weights={tiny_vae_dir}"], ("dit",)
+    else:  # the GAN from step 0, so every step has a generator and a discriminator update
+        overrides, parts = [*SMALL_VAE, "vae_loss.disc_start=0"], ("vae", "discriminator")
+    recorder = WeightRecorder(parts)
+    with caplog.at_level(logging.WARNING, logger="cogvx_train"):
+        run, trainer = _train([*overrides, *OVERRIDES, f"paths.output_dir={tmp_path}"], tmp_path / "run", recorder)
+    w = recorder.after
+    assert trainer.global_step == 7 and len(w) == 7
+    assert all(torch.isfinite(v).all() for step in w for v in step.values())
+
+    # a normal step changes every sub-model; a NaN step changes none (G and D alike)
+    for part in parts:
+        assert not torch.equal(w[0][part], w[2][part]) and not torch.equal(w[2][part], w[3][part]), part
+    assert _same(w[1], w[0]), "the NaN step 1 changed the weights"
+    assert _same(w[4], w[3]), "the NaN step 4 changed the weights"
+    # the second NaN step in a row rolls back to the step-3 checkpoint: the weights after step 2, not after step 3
+    assert _same(w[5], w[2]) and not _same(w[5], w[3])
+    ckpt = torch.load(run.checkpoints / "step-00000006.ckpt", map_location="cpu", weights_only=False)
+    ema = ckpt["dit_ema" if kind == "dit" else "vae_ema"]
+    saved_at_3 = torch.load(run.checkpoints / "step-00000003.ckpt", map_location="cpu", weights_only=False)
+    ema_at_3 = saved_at_3["dit_ema" if kind == "dit" else "vae_ema"]
+    assert all(torch.equal(ema["shadow"][k], ema_at_3["shadow"][k]) for k in ema["shadow"]), "EMA not rolled back"
+    assert not _same(w[6], w[5])  # and training goes on
+
+    # counted and logged, with a clear line for each skip and for the roll-back
+    steps = metrics_by_step(run.path)
+    counts = {s: float(steps[s]["train/skipped_nonfinite_steps"]) for s in range(7)}
+    assert counts == {0: 0, 1: 1, 2: 1, 3: 1, 4: 2, 5: 3, 6: 3}
+    assert steps[1]["train/loss"] == "nan" and steps[2]["train/loss"] != "nan"
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("non-finite loss or gradients at step" in m for m in messages) == 3
+    rollback = [m for m in messages if "rolled model, EMA and optimizer back to" in m]
+    assert len(rollback) == 1 and "last.ckpt (saved at step 3)" in rollback[0], rollback
+    assert trainer.checkpoint_callback is not None
+    guard = next(cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
+    assert (guard.total_skipped, guard.rollbacks) == (3, 1)

@@ -1,0 +1,52 @@
+"""`resume=` continues the same run or refuses: settings outside `resume_whitelist` are listed and rejected (exit 2),
+whitelisted ones (a larger trainer.max_steps) are accepted, and the wandb run continues under the same id."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from reliability_helpers import check_ok, env_for, metrics_by_step, only_run_dir, run_cli, small_dit
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_resume_refuses_other_settings_accepts_whitelisted_ones_and_keeps_the_wandb_run(tmp_path, cli_env, dataset,
+                                                                                       tiny_vae_dir):
+    out = tmp_path / "out"
+    env = env_for(cli_env, out)
+    args = [*small_dit(tiny_vae_dir), "logger=wandb", "trainer.max_steps=3", "checkpoint.every_n_steps=2"]
+    check_ok(run_cli(args, tmp_path, env))
+    run_dir = only_run_dir(out, "dit_b1")
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert run_id
+    done = json.loads((run_dir / "DONE.json").read_text())
+    assert done["global_step"] == 3
+    config_before = (run_dir / "config.yaml").read_text()
+
+    # not on the whitelist: one line per difference, exit 2, nothing run, nothing changed
+    for override, line in (("data.num_frames=9", "data.num_frames: 5 -> 9"),
+                           ("model.attention=spatial_temporal", "model.attention: 'full' -> 'spatial_temporal'")):
+        refused = run_cli([*args, override, f"resume={run_dir}"], tmp_path, env)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert "Traceback" not in refused.stderr
+        errors = [ln for ln in refused.stderr.splitlines() if ln.startswith("cogvx-train: error:")]
+        assert any("resume would change settings" in ln for ln in errors), refused.stderr[-3000:]
+        assert any(ln.strip().endswith(line) for ln in errors), refused.stderr[-3000:]
+        assert sum("->" in ln for ln in errors) == 1, errors  # only the one setting that differs
+    assert (run_dir / "config.yaml").read_text() == config_before
+    assert json.loads((run_dir / "DONE.json").read_text())["global_step"] == 3
+
+    # on the whitelist: a longer run continues to its new end, in the same directory and the same wandb run
+    longer = run_cli([*args, "trainer.max_steps=5", f"resume={run_dir}"], tmp_path, env)
+    check_ok(longer)
+    assert "resume: allowed change trainer.max_steps: 3 -> 5" in longer.stderr + longer.stdout
+    assert only_run_dir(out, "dit_b1") == run_dir
+    assert json.loads((run_dir / "DONE.json").read_text())["global_step"] == 5
+    steps = metrics_by_step(run_dir)
+    assert sorted(steps) == [0, 1, 2, 3, 4]
+    assert all("train/loss" in steps[s] for s in steps)
+    assert (run_dir / "wandb_id.txt").read_text().strip() == run_id
+    offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(f"-{run_id}") for name in offline), offline
+    assert (run_dir / "command.txt").read_text().count("resume=") == 1  # the refused launches left no trace
