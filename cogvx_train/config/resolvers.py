@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +29,12 @@ def trial_name(override_dirname: str) -> str:
     """A sweep trial's directory name from its overrides, safe for every filesystem."""
     if not override_dirname:
         return "default"
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)[:200]
+    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", override_dirname)
+    if len(name) <= 200:
+        return name
+    # cut to fit file-name limits, keeping trials apart: two trials that differ only past the cut get their own
+    # directories (the hash covers the whole override string)
+    return f"{name[:183]}-{hashlib.sha1(override_dirname.encode()).hexdigest()[:16]}"
 
 
 def register() -> None:

@@ -98,10 +98,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     missing = [k for k in ("task", "stage_name") if OmegaConf.is_missing(cfg, k)]
     if missing:
         raise ConfigError("no stage is selected; add stage=<name> (vae_a1, vae_a2, dit_b1, dit_b2, dit_b3, dit_b4).")
-    for key in ("init_from",):
-        if _exists(cfg, key) and OmegaConf.is_missing(cfg, key):
-            errors.append(f"stage {cfg.stage_name} starts from the previous stage's weights; add {key}=<checkpoint "
-                          "or run directory of that stage>.")
+    if OmegaConf.select(cfg, "requires_init_from") and not cfg.init_from and not cfg.resume:
+        errors.append(f"stage {cfg.stage_name} starts from the previous stage's weights; add init_from=<run "
+                      "directory or checkpoint of that stage>.")
     task = cfg.task
     if task == "curriculum":
         stages = list(OmegaConf.select(cfg, "curriculum.stages") or [])

@@ -240,7 +240,8 @@ def _zero12(tag_dir: Path, shards: list[dict], model_state: dict) -> tuple[dict,
                 pad = s["group_paddings"][g] if rigid else 0  # rigid pieces keep the end padding
                 pieces.append(piece[: piece.numel() - pad])
             else:
-                moments[key].update(_split_flat(torch.cat(pieces), params, gaps, len(shards), f"{tag_dir} group {g} {key}"))
+                flat_moment = torch.cat(pieces)
+                moments[key].update(_split_flat(flat_moment, params, gaps, len(shards), f"{tag_dir} group {g} {key}"))
         if rigid:
             hyper = dict(base0["param_groups"][g])
             state = base0["state"].get(g, {})

@@ -31,7 +31,8 @@ def demo_vae_dir(cfg: DictConfig) -> Path:
 
     vae_cfg = compose(config_name="train", overrides=[
         "stage=vae_a1", "experiment=demo", "logger=csv",
-        f"paths.cache_dir={cfg.paths.cache_dir}", f"paths.output_dir={cfg.paths.output_dir}",
+        f"paths.cache_dir={Path(cfg.paths.cache_dir).expanduser().resolve()}",
+        f"paths.output_dir={Path(cfg.paths.output_dir).expanduser().resolve()}",
     ])
     run = RunDirectory(Path(cfg.paths.output_dir).expanduser() / "runs" / "vae_a1" / "demo-vae-for-dit")
     train(vae_cfg, run=run)

@@ -128,6 +128,10 @@ class CogvxDeepSpeedStrategy(DeepSpeedStrategy):
         super().__init__(*args, **kwargs)
         # set before Lightning formats the config, so its "trainer.gradient_clip_val or 0" default does not apply
         self.config["gradient_clipping"] = float(gradient_clip_val)
+        if kwargs.get("offload_optimizer"):
+            # ZeRO-Offload steps the module's own torch AdamW on the host: correct, slower than DeepSpeedCPUAdam
+            # (a compiled op the module would have to construct), which DeepSpeed otherwise insists on
+            self.config["zero_force_ds_cpu_optimizer"] = False
 
     # ------------------------------------------------------------------------------------------ CPU runs
     def setup_environment(self) -> None:
@@ -205,10 +209,11 @@ class CogvxDeepSpeedStrategy(DeepSpeedStrategy):
             log.warning("%s was written by %d ranks and this run has %d: loading the consolidated fp32 weights, "
                         "Adam moments and step into the new partitions (DeepSpeed cannot re-partition itself)",
                         path, saved, self.world_size)
-        full = consolidate.load_full_training_state(path)
         if self.zero_stage_3:
-            raise RuntimeError(f"{path}: resuming a ZeRO-3 run at another world size is not supported; start a new "
-                               "run with init_from=<the checkpoint> (weights only).")
+            raise RuntimeError(f"{path}: a ZeRO-3 run resumes only at the world size that wrote it; to change it, "
+                               "convert the checkpoint (python -m cogvx_train.cli.convert <ckpt> --out w.ckpt) and "
+                               "start a new run with init_from=w.ckpt (weights and EMA; optimizer restarts).")
+        full = consolidate.load_full_training_state(path)
         load_full_state_into_engine(self.deepspeed_engine, self.lightning_module, full)
         return full.client_state
 
@@ -237,6 +242,9 @@ def load_full_state_into_engine(engine, module: torch.nn.Module, full) -> None:
             p.copy_(value.to(device=p.device, dtype=p.dtype))
             safe_set_full_fp32_param(p, value.to(p.device).float())
     zero = engine.optimizer
+    if not hasattr(zero, "single_partition_of_fp32_groups"):
+        raise RuntimeError(f"loading a consolidated state into {type(zero).__name__} is not supported (ZeRO-1/2 "
+                           "optimizers only); resume at the original world size or start over with init_from=.")
     base = zero.optimizer  # the torch AdamW over this rank's flat fp32 partitions
     flats = zero.single_partition_of_fp32_groups
     if full.moments:

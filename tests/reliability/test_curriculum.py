@@ -77,4 +77,4 @@ def test_vae_curriculum_runs_a1_then_a2_without_context_parallelism(tmp_path, cl
     for stage in (a1, a2):
         assert json.loads((stage / "DONE.json").read_text())["global_step"] == 2
     assert f"init_from: {a1 / 'checkpoints' / 'last.ckpt'}" in (a2 / "config.yaml").read_text()
-    assert "train/d_loss" in metrics_by_step(a2)[0]  # A2 has its discriminator on from step 0 (vae_a2.yaml)
+    assert "train/d_loss" in metrics_by_step(a2)[1]  # G and D train in A2 too (disc_start=1 goes to every stage)

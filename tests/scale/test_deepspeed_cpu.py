@@ -78,3 +78,19 @@ def test_zero3_two_ranks_construct_and_step(tmp_path, cache_dir, tiny_vae_dir):
 
     exported = load_diffusers_transformer(run / "export" / "transformer", dtype=torch.float32).state_dict()
     assert all(torch.equal(exported[k], full.weights[f"dit.{k}"]) for k in exported)
+
+
+def test_sharded_save_swaps_directories_and_recovers_an_interrupted_swap(tmp_path):
+    from cogvx_train.train.strategies import recover_checkpoint_dir, swap_in_directory
+
+    target, tmp = tmp_path / "last.ckpt", tmp_path / "last.ckpt.tmp"
+    target.mkdir()
+    (target / "latest").write_text("old")
+    tmp.mkdir()
+    (tmp / "latest").write_text("new")
+    swap_in_directory(tmp, target)
+    assert (target / "latest").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # a kill between the two renames leaves only <target>.old, a complete checkpoint: it is put back
+    target.rename(tmp_path / "last.ckpt.old")
+    assert recover_checkpoint_dir(target) == target and (target / "latest").read_text() == "new"
+    assert recover_checkpoint_dir(target) == target  # nothing to do the second time
