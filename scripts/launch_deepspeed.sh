@@ -5,5 +5,6 @@ set -euo pipefail
 HOSTFILE=${HOSTFILE:-hostfile}
 NPROC=${NPROC:-8}
 NNODES=$(grep -cve '^\s*$' "$HOSTFILE")
-exec deepspeed --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
+export COGVX_RUN_ID=${COGVX_RUN_ID:-$(date +%Y-%m-%d_%H-%M-%S)}
+exec deepspeed --no_local_rank --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" \
   --module cogvx_train.cli.train trainer.devices="$NPROC" trainer.num_nodes="$NNODES" "$@"

@@ -157,6 +157,8 @@ def train(cfg: DictConfig, run=None) -> dict:
     trainer = factory.build_trainer(cfg, callbacks, loggers)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if trainer.checkpoint_callback is not None and not trainer.interrupted:
+        trainer.save_checkpoint(run.checkpoints / "last.ckpt")  # the final step, whatever the save interval
     metrics = factory.final_metrics(trainer)
     if trainer.is_global_zero:
         factory.export_final(module, run)
@@ -185,6 +187,9 @@ def _remove_if_empty(run_dir: Path) -> None:
 
 def main() -> None:
     resolvers.register()
+    # launchers that append --local_rank=N (deepspeed without --no_local_rank, torch.distributed.launch): the rank
+    # is in the environment already, and Hydra would reject the argument
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     try:
         precheck(sys.argv[1:])
     except ConfigError as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +22,11 @@ def run_dir(output_dir: str, stage_name: str, resume: str | None) -> str:
     if stage_name.startswith("curriculum"):
         # deterministic, so re-running the same curriculum command finds its finished and interrupted stages
         return str(Path(output_dir) / "curricula" / stage_name)
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    # Every rank must agree on the directory: a launcher-wide id when there is one, else the start time.
+    stamp = os.environ.get("COGVX_RUN_ID") or os.environ.get("SLURM_JOB_ID") or ""
+    if not stamp and os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        stamp = os.environ["TORCHELASTIC_RUN_ID"]
+    stamp = stamp or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     return str(Path(output_dir) / "runs" / stage_name / stamp)
 
 

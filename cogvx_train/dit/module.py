@@ -601,6 +601,10 @@ def dit_weights_from(path: str | Path, use_ema: bool = True) -> tuple[dict[str, 
     """Transformer weights (our parameter names) from any supported source, EMA preferred; plus a description."""
     from cogvx_train.dit import load_diffusers_transformer, load_dit
 
+    from cogvx_train.train import consolidate
+
+    if consolidate.is_deepspeed_checkpoint(Path(path)):  # a ZeRO directory: merge the shards, no DeepSpeed needed
+        return weights_from_checkpoint(consolidate.load_full_training_state(path).lightning_checkpoint(), path, use_ema)
     kind, where = resolve_dit_checkpoint(path)
     if kind == "diffusers":
         return load_diffusers_transformer(where, dtype=torch.float32).state_dict(), f"diffusers {where}"

@@ -36,7 +36,7 @@ def config_changes(saved: dict, current: dict, whitelist: list[str]) -> tuple[li
     a, b = _flatten(saved), _flatten(current)
     allowed, refused = [], []
     for key in sorted(set(a) | set(b)):
-        if key.startswith("derived.") or a.get(key, "<unset>") == b.get(key, "<unset>"):
+        if key.startswith(("derived.", "resume_whitelist")) or a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue
         line = f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
         ok = any(key == w or key.startswith(w + ".") for w in whitelist)

@@ -47,7 +47,7 @@ def test_zero2_shards_merge_to_the_engines_full_state_and_scatter_to_three_ranks
             assert_same(full.moments[key], engine_view[key], key)
         assert [g["lr"] for g in full.param_groups] == engine_view["lr"]
         assert [g["weight_decay"] for g in full.param_groups] == [0.1, 0.0]
-    # the shards really were padded (81 and 31 values over 2 ranks), so the merge had padding to strip
+    # the shards are padded (81 and 31 values over 2 ranks): the merge must cut the padding off the last piece
     shard = load_pickle(tmp_path / "ckpt" / "checkpoint" / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     assert shard["optimizer_state_dict"]["group_paddings"] != [0, 0]
 
