@@ -20,8 +20,8 @@ BIN = Path(sys.executable).parent / "cogvx-train"
 SMALL = ["experiment=demo", "data.batch_size=2", "data.resolutions=[[32,32]]", "data.num_frames=5",
          "data.num_workers=0", "trainer.log_every_n_steps=1", "trainer.val_check_interval=1000",
          "optim.warmup_steps=2", "callbacks.progress_bar=false"]
-# VAE: a tiny discriminator, LPIPS on one frame per clip
-SMALL_VAE = ["stage=vae_a1", *SMALL, "+vae_loss.disc_size=tiny", "vae_loss.lpips_frames=1"]
+# VAE: a tiny discriminator, LPIPS on one frame per clip ("++": set whether or not the config has the key)
+SMALL_VAE = ["stage=vae_a1", *SMALL, "++vae_loss.disc_size=tiny", "vae_loss.lpips_frames=1"]
 
 
 def small_dit(vae_dir: Path) -> list[str]:

@@ -39,7 +39,7 @@ def _logged_steps(run_dir: Path) -> set[int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("kind, workers", [("dit", 0), ("dit", 1), ("vae", 0)])
+@pytest.mark.parametrize("kind, workers", [("dit", 0), ("dit", 1), ("vae", 0), ("vae", 1)])
 def test_killed_and_resumed_run_matches_the_uninterrupted_run(kind, workers, tmp_path, cli_env, dataset,
                                                               tiny_vae_dir):
     # VAE: G and D both train, and a validation runs right after the checkpoint the run resumes from (it draws

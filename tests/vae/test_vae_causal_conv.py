@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cogvx_train.vae import build_vae
+from cogvx_train.vae import causal_conv
 from cogvx_train.vae.causal_conv import CausalConv3d, FrameContext
 
 
@@ -85,3 +86,20 @@ def test_encoder_is_causal_at_groupnorm_window_granularity():
     a, b = vae.encode(x).mean, vae.encode(x2).mean
     assert torch.equal(a[:, :, :2], b[:, :, :2])
     assert (a[:, :, 2:] - b[:, :, 2:]).abs().max() > 1e-3
+
+
+def test_onednn_conv_path_matches_pytorch_dispatch_in_values_and_gradients(monkeypatch):
+    """causal_conv.conv3d sends CPU float32 convs straight to oneDNN; it must compute what F.conv3d computes."""
+    torch.manual_seed(0)
+    vae = build_vae("tiny")
+    x = torch.randn(1, 3, 5, 16, 16, generator=torch.Generator().manual_seed(5))
+    results = []
+    for use_onednn in (True, False):
+        monkeypatch.setattr(causal_conv, "_MKLDNN", use_onednn)
+        vae.zero_grad()
+        recon, post = vae(x, sample_posterior=False)
+        (recon.square().mean() + post.mean.square().mean()).backward()
+        results.append((recon.detach(), {n: p.grad.clone() for n, p in vae.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    for name, grad in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], grad, atol=1e-4 * grad.abs().max().item(), rtol=1e-4)
