@@ -7,7 +7,8 @@ torch.no_grad with the same frame batching: 8 input frames per encoder chunk, 2 
 Every (implementation, frame count) runs in a fresh subprocess, so peak memory is not polluted by earlier runs:
 peak = VmHWM - VmRSS measured around the call, with the high-water mark reset through /proc/self/clear_refs
 (glibc's mmap threshold is pinned so freed activations really leave the process). Time is the median of warm
-runs in that subprocess. Runs are interleaved ours/diffusers/ours/... and repeated; medians are reported.
+runs in that subprocess, as wall time and as process CPU time (less sensitive to other load on a shared machine).
+Runs are interleaved ours/ours-native/diffusers/... and repeated; medians are reported.
 
     python scripts/bench_vae.py [--frames 9 17 33 49 65] [--size 64 96] [--reps 3]
 
@@ -80,12 +81,14 @@ def worker(impl: str, frames: int, size: tuple[int, int], weights: str, timed: i
         result["enc_peak"], z = _peak_of(lambda: encode(x))
         result["dec_peak"], _ = _peak_of(lambda: decode(z))
         for phase, fn, arg in (("enc", encode, x), ("dec", decode, z)):
-            times = []
+            times, cpu = [], []
             for _ in range(timed):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 fn(arg)
                 times.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
             result[f"{phase}_time"] = statistics.median(times)
+            result[f"{phase}_cpu"] = statistics.median(cpu)
     return result
 
 
@@ -133,7 +136,8 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in build_vae("tiny", **CONFIG).state_dict().items()}, str(weights))
     print(f"config {CONFIG}, frames {args.frames} at {size[0]}x{size[1]}, {args.reps} interleaved reps, "
           f"{args.timed} timed runs each, torch {torch.__version__}, 2 threads")
-    print(f"ours vs diffusers, max abs diff on 17 frames (encode mean, decode): {check_outputs_match(str(weights), size):.2e}")
+    diff = check_outputs_match(str(weights), size)
+    print(f"ours vs diffusers, max abs diff on 17 frames (encode mean, decode): {diff:.2e}")
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
     runs: dict[tuple[str, int], list[dict]] = {}
@@ -150,10 +154,12 @@ def main() -> None:
 
     mib = 2**20
     print("columns: ours / ours with PyTorch's default conv dispatch (ours-native) / diffusers")
-    print(f"{'frames':>6} | {'enc peak MiB':>21} | {'dec peak MiB':>21} | {'enc s':>18} | {'dec s':>18}")
+    print(f"{'frames':>6} | {'enc peak MiB':>21} | {'dec peak MiB':>21} | {'enc wall s':>18} | {'dec wall s':>18} | "
+          f"{'enc cpu s':>18} | {'dec cpu s':>18}")
     for frames in args.frames:
         cells = [" / ".join(f"{med(i, frames, k) / mib:5.0f}" for i in IMPLS) for k in ("enc_peak", "dec_peak")]
-        cells += [" / ".join(f"{med(i, frames, k):4.1f}" for i in IMPLS) for k in ("enc_time", "dec_time")]
+        cells += [" / ".join(f"{med(i, frames, k):4.1f}" for i in IMPLS) for k in ("enc_time", "dec_time", "enc_cpu",
+                                                                                     "dec_cpu")]
         print(f"{frames:>6} | " + " | ".join(f"{c:>21}" for c in cells[:2]) + " | "
               + " | ".join(f"{c:>18}" for c in cells[2:]))
 
@@ -164,10 +170,11 @@ def main() -> None:
     parts = []
     for phase in ("enc", "dec"):
         growth = med("ours", lo, f"{phase}_peak") / med("ours", hi, f"{phase}_peak")
-        parts.append(
-            f"{phase}: ours peak@{lo}/peak@{hi} {growth:.2f}, peak ours/diffusers {ratio('ours', 'diffusers', f'{phase}_peak'):.2f} "
-            f"(native conv {ratio('ours-native', 'diffusers', f'{phase}_peak'):.2f}), time ours/diffusers "
-            f"{ratio('ours', 'diffusers', f'{phase}_time'):.2f} (native conv {ratio('ours-native', 'diffusers', f'{phase}_time'):.2f})")
+        mem, tim, cpu = (f"{ratio('ours', 'diffusers', f'{phase}_{k}'):.2f} "
+                         f"(native conv {ratio('ours-native', 'diffusers', f'{phase}_{k}'):.2f})"
+                         for k in ("peak", "time", "cpu"))
+        parts.append(f"{phase}: ours peak@{lo}/peak@{hi} {growth:.2f}, peak ours/diffusers {mem}, "
+                     f"time ours/diffusers {tim}, cpu time {cpu}")
     print("ratios | " + " | ".join(parts))
 
 

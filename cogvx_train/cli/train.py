@@ -156,9 +156,9 @@ def train(cfg: DictConfig, run=None) -> dict:
     loggers = factory.build_loggers(cfg, run)
     trainer = factory.build_trainer(cfg, callbacks, loggers)
 
+    # the final step is checkpointed by the checkpoint callback (StepCheckpoint), at the end of its batch: a save
+    # here, after fit, would record the data position of the next epoch
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if trainer.checkpoint_callback is not None and not trainer.interrupted:
-        trainer.save_checkpoint(run.checkpoints / "last.ckpt")  # the final step, whatever the save interval
     metrics = factory.final_metrics(trainer)
     if trainer.is_global_zero:
         factory.export_final(module, run)

@@ -110,6 +110,16 @@ def resolve_vae_checkpoint(path: str | os.PathLike) -> tuple[str, Path]:
                      "AutoencoderKLCogVideoX directory (config.json + diffusion_pytorch_model.safetensors).")
 
 
+# Fields that define the VAE's architecture: with weights given, those stored with the weights win.
+ARCHITECTURE_KEYS = ("in_channels", "out_channels", "latent_channels", "block_out_channels", "layers_per_block",
+                     "norm_num_groups", "temporal_compression_ratio", "factorized")
+
+
+def runtime_overrides(spec: VAESpec) -> dict[str, Any]:
+    """The spec's overrides minus architecture (which comes from the weights' own config)."""
+    return {k: v for k, v in spec.overrides.items() if k not in ARCHITECTURE_KEYS}
+
+
 def _vae_from_stage_checkpoint(path: Path, spec: VAESpec):
     """VAE of a VAETrainingModule checkpoint, built from the checkpoint's own hyper-parameters, EMA preferred."""
     from cogvx_train.vae import build_vae
@@ -122,7 +132,7 @@ def _vae_from_stage_checkpoint(path: Path, spec: VAESpec):
     hparams = ckpt.get("hyper_parameters") or {}
     size = hparams.get("vae_size", spec.size)
     overrides = dict(hparams.get("vae_overrides") or {})
-    overrides.update(spec.overrides)  # non-architectural knobs (norm windows, tiles) may be changed by the spec
+    overrides.update(runtime_overrides(spec))  # non-architectural knobs (norm windows, tiles) may change
     if size != spec.size:
         log.info("VAE checkpoint %s holds a %r VAE (model.vae.size says %r): using the checkpoint's", path, size,
                  spec.size)
@@ -151,7 +161,7 @@ def load_frozen_vae(spec: VAESpec | dict[str, Any]):
             overrides.setdefault("scaling_factor", spec.scaling_factor)
         return _freeze(build_vae(spec.size, **overrides))
     kind, where = resolve_vae_checkpoint(spec.weights)
-    vae = _vae_from_stage_checkpoint(where, spec) if kind == "ckpt" else load_diffusers_vae(where, **spec.overrides)
+    vae = _vae_from_stage_checkpoint(where, spec) if kind == "ckpt" else load_diffusers_vae(where, **runtime_overrides(spec))
     if spec.scaling_factor is not None and abs(vae.scaling_factor - spec.scaling_factor) > 1e-6:
         log.warning("model.vae.scaling_factor=%s differs from the one stored with the VAE weights (%s); the DiT "
                     "uses %s.", spec.scaling_factor, vae.scaling_factor, spec.scaling_factor)

@@ -59,19 +59,23 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also saves the state the run ends with.
+    """ModelCheckpoint that also saves the step the run ends with.
 
     Lightning saves only every `every_n_train_steps`; a run whose max_steps is not a multiple of it would leave
     last.ckpt behind its final weights, and `init_from=<run>` (the next curriculum stage) or a resume with a larger
-    max_steps would start from an older state than the one the run finished with (and exported).
+    max_steps would start from an older state than the one the run finished with (and exported). The final save
+    happens at the end of the last batch, like every other one: after Lightning's end-of-epoch hooks (on_train_end,
+    or a save after fit returns) the data position has already moved on to the next epoch, and a resume from such
+    a file would skip the rest of the current one.
     """
 
-    def on_train_end(self, trainer, pl_module) -> None:
-        if not self._should_skip_saving_checkpoint(trainer):  # skips when this step was saved already
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        last_step = trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step
+        if last_step and not self._should_skip_saving_checkpoint(trainer):  # skips a step saved already
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
-        super().on_train_end(trainer, pl_module)
 
 
 def build_checkpoint_callback(dirpath: Path, every_n_steps: int, keep_last_k: int) -> ModelCheckpoint:

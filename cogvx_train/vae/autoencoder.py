@@ -79,7 +79,9 @@ class VAEConfig:
                 f"got {self.encoder_norm_window}."
             )
         if self.decoder_norm_window is not None and self.decoder_norm_window < 1:
-            raise ValueError(f"decoder_norm_window must be >= 1 latent frame (or None), got {self.decoder_norm_window}.")
+            raise ValueError(
+                f"decoder_norm_window must be >= 1 latent frame (or None), got {self.decoder_norm_window}."
+            )
         if not self.logvar_min < self.logvar_max:
             raise ValueError(f"logvar_min {self.logvar_min} must be below logvar_max {self.logvar_max}.")
         s = self.spatial_compression
@@ -172,7 +174,8 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        ch, groups, eps, fact = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups, cfg.norm_eps, cfg.factorized
+        ch = tuple(reversed(cfg.block_out_channels))
+        groups, eps, fact = cfg.norm_num_groups, cfg.norm_eps, cfg.factorized
         zc = cfg.latent_channels
         time_levels = int(math.log2(cfg.temporal_compression_ratio))
         self.conv_in = CausalConv3d(zc, ch[0], 3, fact)
@@ -307,7 +310,9 @@ class CausalVAE(nn.Module):
                 "decoder_norm_window=2."
             )
         if chunk < 1 or chunk % window:
-            raise ValueError(f"The chunk size must be a positive multiple of the GroupNorm window {window}, got {chunk}.")
+            raise ValueError(
+                f"The chunk size must be a positive multiple of the GroupNorm window {window}, got {chunk}."
+            )
         bounds = [(0, 1 + chunk)] + [(s, min(s + chunk, frames)) for s in range(1 + chunk, frames, chunk)]
         ctx, out = FrameContext(cache={}), None
         for i, (start, end) in enumerate(bounds):
@@ -319,7 +324,9 @@ class CausalVAE(nn.Module):
             out[:, :, out_start : out_start + y.shape[2]] = y
         return out
 
-    def _tiled(self, fn, x: torch.Tensor, tile: tuple[int, int], overlap: tuple[int, int], scale: float) -> torch.Tensor:
+    def _tiled(
+        self, fn, x: torch.Tensor, tile: tuple[int, int], overlap: tuple[int, int], scale: float
+    ) -> torch.Tensor:
         """Apply ``fn`` to overlapping (H, W) tiles of x and blend the results with linear ramps (weights sum to 1)."""
         height, width = x.shape[-2:]
         rows, cols = _tile_starts(height, tile[0], overlap[0]), _tile_starts(width, tile[1], overlap[1])

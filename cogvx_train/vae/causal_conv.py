@@ -9,13 +9,14 @@ sits in the whole clip, which a :class:`FrameContext` describes:
 * the input is one rank's slice of a context-parallel clip -> the previous rank's last k-1 frames, exchanged
   with a differentiable send/receive (see :mod:`cogvx_train.vae.context_parallel`).
 
-Spatial padding is zero padding of (k-1)/2 done by the convolution itself, so the only copy per conv is the one
-``torch.cat`` that puts the k-1 front frames before the input.
+Spatial padding is zero padding of (k-1)/2 done by the convolution itself. The front frames cost one
+``torch.cat``, or no copy at all when the caller writes the input straight into a padded buffer
+(:meth:`CausalConv3d.new_padded_input`, used without gradients).
 
 ``CausalConv3d.conv`` is the full ``Conv3d`` (state-dict key ``<name>.conv.weight``, as in diffusers'
 AutoencoderKLCogVideoX). The factorized variant (``factorized=True``) replaces it by a per-frame 2D conv (kernel
 (1, k, k), key ``<name>.conv``) followed by a causal 1D temporal conv (kernel (k, 1, 1), key
-``<name>.temporal_conv``): about 3x fewer FLOPs, for ablations; it has no diffusers counterpart.
+``<name>.temporal_conv``): about half the parameters and FLOPs, for ablations; it has no diffusers counterpart.
 """
 
 from __future__ import annotations
@@ -28,22 +29,29 @@ from torch import nn
 
 from cogvx_train.vae.context_parallel import exchange_front_halo
 
-
 _MKLDNN = torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
 def conv3d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=(1, 1, 1), padding=(0, 0, 0)):
-    """F.conv3d, sent straight to oneDNN for float32 CPU tensors.
+    """F.conv3d; float32 CPU convs go straight to oneDNN, on channels-last (NTHWC) activations.
 
     PyTorch's CPU heuristic runs batch-1 convs whose C*T*H <= 20480 with its native im2col kernel, whose column
-    buffer is k^3 = 27 times the input: in a chunked CPU run that buffer is the largest allocation and makes a
-    chunk's memory depend on where the heuristic's threshold falls. oneDNN's direct convolution needs no such
-    buffer (and is differentiable through the same aten op). Other devices and dtypes use F.conv3d.
+    buffer is k^3 = 27 times the input: in a chunked run the largest allocation, and whether a chunk gets it depends
+    on where the threshold falls. oneDNN's direct conv needs none, and on channels-last data it needs no layout
+    reorder of input or output either, so its only allocation is the output. The whole network then stays
+    channels-last on CPU; other devices keep NCTHW. The aten op is differentiable.
     """
-    if x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32 and _MKLDNN:
-        return torch.ops.aten.mkldnn_convolution(x.contiguous(), weight, bias, list(padding), list(stride), [1, 1, 1], 1)
+    if _MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, list(padding), list(stride), [1, 1, 1], 1)
     return F.conv3d(x, weight, bias, stride=stride, padding=padding)
 
+
+def empty_like_layout(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """An empty tensor of ``shape`` with the dtype, device and memory layout (NCTHW or NTHWC) of ``like``."""
+    channels_last = like.is_contiguous(memory_format=torch.channels_last_3d) and not like.is_contiguous()
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=fmt)
 
 
 @dataclass
@@ -104,7 +112,7 @@ class CausalConv3d(nn.Module):
         frames k-1.. and calls ``forward(buffer, ctx, prepadded=True)``, which fills the front frames. This saves
         the copy (and the second full-size tensor) of ``torch.cat``."""
         b, c, t, h, w = like.shape
-        return like.new_empty(b, c, self.time_kernel_size - 1 + t, h, w)
+        return empty_like_layout(like, b, c, self.time_kernel_size - 1 + t, h, w)
 
     def _causal(self, conv: nn.Conv3d, x: torch.Tensor, ctx: FrameContext, prepadded: bool = False) -> torch.Tensor:
         k = self.time_kernel_size

@@ -12,9 +12,10 @@ rank's slice and computes exactly what one process would compute on the whole cl
 
 Frame split rule. With temporal compression 4 a clip has T = 1 + 4K frames, i.e. frame 0 and K groups of 4.
 Rank 0 gets frame 0 plus m_0 groups (1 + 4 m_0 frames), rank r > 0 gets m_r groups (4 m_r frames), m_r >= 1;
-the K groups are shared out as evenly as possible, earlier ranks taking the remainder. A rank passes 2 frames of
-every layer on, so ranks between the first and the last need m_r >= 2 (2 frames at the deepest layer). Each rank's latent slice
+the K groups are shared out as evenly as possible, earlier ranks taking the remainder. Each rank's latent slice
 is then 1 + m_0 (rank 0) or m_r latent frames, and every temporal downsample pairs frames of one rank only.
+A rank passes 2 frames of every layer on, so ranks between the first and the last need m_r >= 2 (2 frames at
+the deepest layer).
 With per-window GroupNorm each m_r (but the last rank's) must be a multiple of window/4.
 
 Parameter gradients computed on each rank are that rank's share; summing them over the group
@@ -71,7 +72,8 @@ class _FrontHalo(torch.autograd.Function):
         grad_x = grad_halo.new_zeros(ctx.shape)
         requests = []
         if rank > 0:
-            requests.append(dist.isend(grad_halo.contiguous(), dist.get_global_rank(ctx.group, rank - 1), group=ctx.group))
+            previous = dist.get_global_rank(ctx.group, rank - 1)
+            requests.append(dist.isend(grad_halo.contiguous(), previous, group=ctx.group))
         else:
             grad_x[:, :, :1] += grad_halo.sum(dim=2, keepdim=True)  # the replicated frame 0
         grad_tail = None

@@ -62,4 +62,4 @@ def test_derived_values():
     assert d["global_batch_size"] == cfg.data.batch_size * 3
     assert d["latent_frames"] == 3
     assert d["timestep_interval_per_rank"][1] == [333.333, 666.667]
-    assert d["buckets"][0]["latent_shape"] == [16, 3, 8, 8]
+    assert d["buckets"][0]["latent_shape"] == [16, 3, 4, 4]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from reliability_helpers import check_ok, env_for, metrics_by_step, only_run_dir, run_cli, small_dit
 
 
@@ -23,6 +24,11 @@ def test_resume_refuses_other_settings_accepts_whitelisted_ones_and_keeps_the_wa
     done = json.loads((run_dir / "DONE.json").read_text())
     assert done["global_step"] == 3
     config_before = (run_dir / "config.yaml").read_text()
+    # the final step (3, not a multiple of the save interval) is checkpointed, mid-epoch: the data position is the
+    # one after step 3, not the start of the next epoch
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert final["global_step"] == 3
+    assert (final["FramePackDataModule"]["epoch"], final["FramePackDataModule"]["consumed"]) == (0, 3)
 
     # not on the whitelist: one line per difference, exit 2, nothing run, nothing changed
     for override, line in (("data.num_frames=9", "data.num_frames: 5 -> 9"),
@@ -43,6 +49,8 @@ def test_resume_refuses_other_settings_accepts_whitelisted_ones_and_keeps_the_wa
     assert "resume: allowed change trainer.max_steps: 3 -> 5" in longer.stderr + longer.stdout
     assert only_run_dir(out, "dit_b1") == run_dir
     assert json.loads((run_dir / "DONE.json").read_text())["global_step"] == 5
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (final["FramePackDataModule"]["epoch"], final["FramePackDataModule"]["consumed"]) == (0, 5)
     steps = metrics_by_step(run_dir)
     assert sorted(steps) == [0, 1, 2, 3, 4]
     assert all("train/loss" in steps[s] for s in steps)

@@ -95,7 +95,8 @@ def test_posterior_clamps_samples_and_kl():
 
 
 def test_sampling_statistics():
-    post = DiagonalGaussian(torch.cat([torch.full((1, 1, 1, 64, 64), 2.0), torch.full((1, 1, 1, 64, 64), math.log(0.25))], 1))
+    mean, logvar = torch.full((1, 1, 1, 64, 64), 2.0), torch.full((1, 1, 1, 64, 64), math.log(0.25))
+    post = DiagonalGaussian(torch.cat([mean, logvar], dim=1))
     z = post.sample(torch.Generator().manual_seed(0))
     assert abs(z.mean().item() - 2.0) < 0.02 and abs(z.std().item() - 0.5) < 0.02
 
