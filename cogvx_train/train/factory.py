@@ -222,6 +222,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
         plugins=[AtomicCheckpointIO()],
         callbacks=callbacks,
         logger=loggers or False,
+        enable_progress_bar=bool(cfg.callbacks.get("progress_bar")),
         enable_checkpointing=any(isinstance(cb, ModelCheckpoint) for cb in callbacks),
         default_root_dir=None,
         **extra,
