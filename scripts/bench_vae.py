@@ -8,6 +8,7 @@ Every (implementation, frame count) runs in a fresh subprocess, so peak memory i
 peak = VmHWM - VmRSS measured around the call, with the high-water mark reset through /proc/self/clear_refs
 (glibc's mmap threshold is pinned so freed activations really leave the process). Time is the median of warm
 runs in that subprocess, as wall time and as process CPU time (less sensitive to other load on a shared machine).
+One thread: on an oversubscribed machine two OpenMP threads stall at every barrier, which swamps small ops.
 Runs are interleaved ours/ours-native/diffusers/... and repeated; medians are reported.
 
     python scripts/bench_vae.py [--frames 9 17 33 49 65] [--size 64 96] [--reps 3]
@@ -53,7 +54,7 @@ def worker(impl: str, frames: int, size: tuple[int, int], weights: str, timed: i
     """One measurement in this (fresh) process."""
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     from safetensors.torch import load_file
 
     state = load_file(weights)
@@ -135,11 +136,11 @@ def main() -> None:
     weights = Path(tempfile.mkdtemp()) / "bench_vae.safetensors"
     save_file({k: v.contiguous() for k, v in build_vae("tiny", **CONFIG).state_dict().items()}, str(weights))
     print(f"config {CONFIG}, frames {args.frames} at {size[0]}x{size[1]}, {args.reps} interleaved reps, "
-          f"{args.timed} timed runs each, torch {torch.__version__}, 2 threads")
+          f"{args.timed} timed runs each, torch {torch.__version__}, 1 thread")
     diff = check_outputs_match(str(weights), size)
     print(f"ours vs diffusers, max abs diff on 17 frames (encode mean, decode): {diff:.2e}")
 
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     runs: dict[tuple[str, int], list[dict]] = {}
     for _ in range(args.reps):
         for frames in args.frames:
