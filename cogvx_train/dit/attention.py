@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cogvx_train.dit.expert_adaln import no_autocast
 from cogvx_train.dit.rope3d import rotate_
 
 ATTENTION_MODES = ("full", "spatial_temporal")
@@ -39,7 +40,7 @@ class _QKNormRoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, w_q, b_q, w_k, b_k, rot, text_len: int, eps: float):
         outs, stats = [], []
-        with torch.autocast(q.device.type, enabled=False):
+        with no_autocast(q):
             for x, w, b in ((q, w_q, b_q), (k, w_k, b_k)):
                 blocks = _modality_blocks(x, w.shape[0], text_len)
                 if len(blocks) == 1:
@@ -87,7 +88,7 @@ class _QKNormRoPE(torch.autograd.Function):
 def qk_norm_rope(q, k, w_q, b_q, w_k, b_k, rope, text_len: int, eps: float = 1e-6):
     """q, k [B, S, H, hd] -> normalised (and vision-rotated) q, k [B, S, H, hd].
 
-    Norm weights are [M, hd] rows (vision, text) or [1, hd]; rope is the complex rotation [N, 1, hd/2] or None.
+    Norm weights are [M, hd] rows (vision, text) or [1, hd]; rope is the rotation [N, 1, hd/2, 2] (cos, sin) or None.
     """
     return _QKNormRoPE.apply(q, k, w_q, b_q, w_k, b_k, rope, text_len, eps)
 

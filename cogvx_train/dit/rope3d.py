@@ -54,14 +54,24 @@ def rope3d_frequencies(
 
 
 def rotation(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """[N, hd] interleaved (cos, sin) tables -> unit complex numbers [N, 1, hd/2] (one per channel pair,
-    broadcast over heads)."""
-    return torch.complex(cos[:, None, 0::2].float(), sin[:, None, 0::2].float())
+    """[N, hd] interleaved (cos, sin) tables -> float32 [N, 1, hd/2, 2] (cos, sin) per channel pair, broadcast over
+    heads. Stored real (a free view as unit complex numbers in eager) so that compiled code never sees a complex
+    tensor."""
+    return torch.stack([cos[:, None, 0::2], sin[:, None, 0::2]], dim=-1).float()
 
 
 def rotate_(x: torch.Tensor, rot: torch.Tensor, inverse: bool = False) -> None:
     """Rotate channel pairs of x [B, N, H, hd] in place: (x1 + i x2) * rot, or * conj(rot) for the backward pass
-    (the rotation is orthogonal). One complex multiply instead of several strided real ones."""
+    (the rotation is orthogonal). Eager: one complex multiply instead of several strided real ones. Compiled:
+    the same rotation in real arithmetic, which inductor fuses (it generates no complex kernels)."""
+    if torch.compiler.is_compiling():
+        pairs = x.unflatten(-1, (-1, 2))  # [B, N, H, hd/2, 2] view of x
+        x1, x2 = pairs.unbind(-1)
+        cos, sin = rot.to(x.dtype).unbind(-1)
+        sin = -sin if inverse else sin
+        pairs.copy_(torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1))
+        return
+    rot = torch.view_as_complex(rot)
     rot = rot.conj() if inverse else rot
     if x.dtype in (torch.float32, torch.float64):
         torch.view_as_complex(x.unflatten(-1, (-1, 2))).mul_(rot.to(torch.complex128 if x.dtype == torch.float64

@@ -30,7 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from cogvx_train.dit.attention import ATTENTION_MODES, JointAttention
 from cogvx_train.dit.embeddings import PatchEmbed, TimestepEmbedding, unpatchify
-from cogvx_train.dit.expert_adaln import ExpertAdaLN, FinalAdaLN, compute_dtype, gated_residual, layer_norm
+from cogvx_train.dit.expert_adaln import (ExpertAdaLN, FinalAdaLN, compute_dtype, gated_residual, layer_norm,
+                                            no_autocast)
 from cogvx_train.dit.rope3d import rope3d_frequencies, rope_axis_dims, rotation
 from cogvx_train.dit.sincos3d import sincos3d_embedding
 
@@ -63,6 +64,7 @@ class DiTConfig:
     attention: str = "full"  # "full" 3D attention | "spatial_temporal" (2D+1D, alternating blocks)
     text_fusion: str = "expert_adaln"  # | "shared_adaln" | "expert_ffn" | "mmdit"
     gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each block (see ExpertTransformer.compile_blocks)
 
     def __post_init__(self):
         if self.positions not in POSITIONS:
@@ -122,8 +124,10 @@ def _gelu_tanh_and_grad(u: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tens
     if u.device.type != "cpu" or u.dtype != torch.float32:
         return F.gelu(u, approximate="tanh"), torch.ops.aten.gelu_backward(grad, u, approximate="tanh")
     u2 = u * u
-    s = (u2 * (_GELU_A * _GELU_K)).add_(_GELU_K).mul_(u).sigmoid_()
-    slope = u2.mul_(3 * _GELU_A * _GELU_K).add_(_GELU_K).mul_(u).mul_(1 - s).add_(1).mul_(s).mul_(grad)
+    s = torch.addcmul(u, u2, u, value=_GELU_A).mul_(_GELU_K).sigmoid_()
+    a = u2.mul_(3 * _GELU_A * _GELU_K).add_(_GELU_K).mul_(u)  # u K (1 + 3 A u^2), in u2's buffer
+    a.addcmul_(a, s, value=-1)  # * (1 - s), without allocating 1 - s
+    slope = torch.addcmul(s, a, s, out=a).mul_(grad)  # s (1 + a) * grad
     return s.mul_(u), slope
 
 
@@ -136,7 +140,7 @@ class _GeluMLP(torch.autograd.Function):
         dtype = compute_dtype(h)
         ctx.dtypes = (h.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype)
         h, w1, b1, w2, b2 = (t.to(dtype) for t in (h, w1, b1, w2, b2))
-        with torch.autocast(h.device.type, enabled=False):
+        with no_autocast(h):
             h2d = h.reshape(-1, h.shape[-1])  # [B*S, D]
             u = torch.addmm(b1, h2d, w1.t())  # [B*S, F]
             out = torch.addmm(b2, _gelu_tanh(u), w2.t())  # [B*S, D]
@@ -200,7 +204,7 @@ class ExpertTransformer(nn.Module):
 
     timesteps: int or float, scalar or [B]. text_embeds: 1 <= L <= max_text_tokens tokens, no mask (zeros for the
     unconditional branch). `gradient_checkpointing` (attribute, initialised from the config) reruns each block in
-    backward.
+    backward; `compile` in the config compiles each block (compile_blocks).
     """
 
     no_split_modules = ("ExpertBlock",)  # the unit FSDP / ZeRO-3 must gather at once (see the module docstring)
@@ -219,6 +223,19 @@ class ExpertTransformer(nn.Module):
         self._position_cache: dict = {}  # token grid -> sincos table or RoPE angles (not part of the state)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
+        if cfg.compile:
+            self.compile_blocks()
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile every block in place (nn.Module.compile: parameter names and the state dict are unchanged).
+
+        Per block rather than the whole model, as torchtitan does: the blocks share one compiled graph (inductor
+        inlines the modules and takes their weights as inputs), so compile time does not grow with depth, and the
+        unit gradient checkpointing and FSDP wrap stays the same. Inductor fuses the element-wise work around the
+        matmuls and SDPA (modulation, gates, q/k norm, RoPE, GELU) into a few kernels.
+        """
+        for block in self.transformer_blocks:
+            block.compile(**compile_kwargs)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -245,7 +262,7 @@ class ExpertTransformer(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def _positions(self, grid: tuple[int, int, int], device: torch.device, dtype: torch.dtype):
-        """Cached sincos table [N, D] or RoPE rotation (complex [N, 1, hd/2]) for a token grid."""
+        """Cached sincos table [N, D] or RoPE rotation ([N, 1, hd/2, 2] cos, sin) for a token grid."""
         cfg = self.config
         key = (grid, device, dtype)
         if key not in self._position_cache:
