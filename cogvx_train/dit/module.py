@@ -532,6 +532,8 @@ class DiTTrainingModule(pl.LightningModule):
             checkpoint["dit_ema"] = self.ema.state_dict()
         checkpoint[CHECKPOINT_KEY] = {"format": 1, "dit_config": asdict(self.dit.config),
                                       "sample_shape": list(self.sample_shape())}
+        # the (t, loss) of the last steps behind train/loss_t*: a resumed run logs what the uninterrupted one does
+        checkpoint["dit_loss_window"] = [(t.cpu(), loss.cpu()) for t, loss in self._window]
         frozen = [k for k in checkpoint.get("state_dict", {}) if not k.startswith("dit.")]
         if frozen:  # nothing but the transformer is trainable state; never ship frozen weights
             raise RuntimeError(f"unexpected non-DiT weights in the DiT checkpoint: {frozen[:3]}")
@@ -540,6 +542,10 @@ class DiTTrainingModule(pl.LightningModule):
         meta = checkpoint.get(CHECKPOINT_KEY, {})
         if meta.get("sample_shape"):
             self._sample_shape = tuple(meta["sample_shape"])
+        if "dit_loss_window" in checkpoint and (self._trainer is None or self.trainer.global_step == 0):
+            # a resume (not a mid-run roll-back, whose steps were logged already); _log_timestep_buckets resizes it
+            self._window = collections.deque((t.to(self.device), loss.to(self.device))
+                                             for t, loss in checkpoint["dit_loss_window"])
         if self.ema is not None:
             if "dit_ema" in checkpoint:
                 self.ema.load_state_dict(checkpoint["dit_ema"])

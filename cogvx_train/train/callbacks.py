@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback
 
+from cogvx_train.train.ema import EMA
+
 log = logging.getLogger("cogvx_train")
 
 
@@ -107,8 +109,9 @@ class ThroughputMonitor(Callback):
     """Logs perf/step_time_s, perf/data_wait_share, perf/tokens_per_s, perf/mfu and perf/hfu every step.
 
     Data wait = time from the end of one training batch to the start of the next, less any validation run in
-    between: the loader's share of the step (checkpoint writes at the steps that save one are included). Tokens and FLOPs come from the module (`tokens_in_batch(batch)`, `flops_in_batch(batch)` returning
-    (model_flops, hardware_flops)) when it defines them.
+    between: the loader's share of the step (checkpoint writes at the steps that save one are included). Tokens and
+    FLOPs come from the module (`tokens_in_batch(batch)`, `flops_in_batch(batch)` returning (model_flops,
+    hardware_flops)) when it defines them.
     """
 
     def __init__(self) -> None:
@@ -166,18 +169,37 @@ def grads_finite(parameters) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
+def deepspeed_engine(trainer):
+    """The DeepSpeed engine training this run, or None under any other strategy."""
+    engine = getattr(trainer.strategy, "deepspeed_engine", None)
+    return engine if hasattr(engine, "skipped_steps") else None
+
+
+def emas_of(pl_module) -> list[EMA]:
+    """The module's EMAs (attributes holding an EMA: `ema` in both training modules)."""
+    return [value for value in vars(pl_module).values() if isinstance(value, EMA)]
+
+
 class NonFiniteGuard(Callback):
     """Skips optimizer steps whose gradients are not finite (a NaN/inf loss gives such gradients), counts them,
     and after `max_consecutive` bad training steps in a row rolls weights, EMA and optimizer moments back to the
     last good checkpoint.
 
-    Skipping = dropping the gradients: AdamW leaves parameters without .grad untouched (no decay, no moments).
-    Gradients are checked after DDP's all-reduce, so every rank takes the same decision. The check runs in
-    `on_before_optimizer_step`, which Lightning calls from inside `optimizer.step()` under automatic and manual
-    optimisation alike, so the VAE's generator and discriminator updates are each checked. A training step counts
-    as skipped when any of its optimizer updates was; `train/skipped_nonfinite_steps` (the running total) is logged
-    every step. Step counters, lr schedules and the data position go on through a roll-back, so the batches that
-    gave the non-finite values are not replayed.
+    Skipping = dropping the gradients: AdamW leaves parameters without .grad untouched (no decay, no moments), and
+    the EMA of those weights is told to leave its shadow alone at its next update (`EMA.skip_next_update`; an EMA
+    belongs to the optimizer that holds its parameters, so the VAE's EMA follows the generator's verdict, not the
+    discriminator's). Gradients are checked after DDP's all-reduce, so every rank takes the same decision. The check
+    runs in `on_before_optimizer_step`, which Lightning calls from inside `optimizer.step()` under automatic and
+    manual optimisation alike, so the VAE's generator and discriminator updates are each checked. A training step
+    counts as skipped when any of its optimizer updates was; `train/skipped_nonfinite_steps` (the running total) is
+    logged every step. Step counters, lr schedules and the data position go on through a roll-back, so the batches
+    that gave the non-finite values are not replayed.
+
+    DeepSpeed ZeRO keeps the reduced gradients in its own flat partitions, one slice per rank, where no callback
+    can drop them. There the engine decides: `CogvxDeepSpeedStrategy` turns on its overflow check, which tests
+    every rank's slice and all-reduces the verdict inside `engine.step()`, and skips the update on all ranks
+    together. The guard reads that verdict (`engine.skipped_steps` went up), counts it and, through the same
+    deferred `skip_next_update`, keeps the EMA out of it.
 
     `inject_nan_steps` (config key `debug_inject_nan_steps`) is a test hook: the floating-point tensors of the
     batches at those global steps are filled with NaN before the step runs, so the whole path (NaN loss, NaN
@@ -197,6 +219,7 @@ class NonFiniteGuard(Callback):
         self.rollbacks = 0
         self._stepped = False  # an optimizer step ran since the last batch end (False while accumulating)
         self._bad = False      # ... and one of its updates had non-finite gradients
+        self._engine_skips: tuple[Any, int] | None = None  # (DeepSpeed engine, its skipped_steps before the step)
 
     def state_dict(self) -> dict[str, int]:
         return {"total_skipped": self.total_skipped, "rollbacks": self.rollbacks}
@@ -212,14 +235,31 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self._stepped = True
+        engine = deepspeed_engine(trainer)
+        if engine is not None:  # the engine checks its partitions in step(); its verdict is read afterwards
+            before = engine.skipped_steps
+            self._engine_skips = (engine, before)
+            for ema in emas_of(pl_module):
+                ema.skip_next_update(lambda: engine.skipped_steps > before)
+            return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if grads_finite(params):
             return
         for p in params:
             p.grad = None
         self._bad = True
+        emas = emas_of(pl_module)
+        stepped = [ema for ema in emas if ema.tracks(params)]
+        if not stepped and len(trainer.optimizers) == 1:  # a wrapper's flat copies (FSDP): the only optimizer
+            stepped = emas
+        for ema in stepped:
+            ema.skip_next_update()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._engine_skips is not None:
+            engine, before = self._engine_skips
+            self._bad = self._bad or engine.skipped_steps > before
+            self._engine_skips = None
         if not self._stepped:
             return
         step = trainer.global_step - 1  # the step this batch ran as
@@ -237,12 +277,14 @@ class NonFiniteGuard(Callback):
             self.roll_back(trainer, pl_module)
 
     def roll_back(self, trainer, pl_module) -> None:
+        """Every rank reloads the last checkpoint through the strategy (a file under DDP, the engine's sharded
+        directory under DeepSpeed); the verdicts that lead here are the same on every rank, so all of them do."""
         last = self.checkpoint_dir / "last.ckpt" if self.checkpoint_dir else None
         if last is None or not last.exists():
             raise RuntimeError(f"{self.consecutive} non-finite steps in a row and no checkpoint to roll back to; "
                                "lower optim.lr or check the data (see the warnings above for the steps).")
-        ckpt = torch.load(last, map_location="cpu", weights_only=False)
-        trainer.strategy.load_model_state_dict(ckpt, strict=False)
+        ckpt = trainer.strategy.load_checkpoint(last, weights_only=False)
+        trainer.strategy.load_model_state_dict(ckpt, strict=False)  # DeepSpeed: loaded by the engine already
         trainer.strategy.load_optimizer_state_dict(ckpt)
         if hasattr(pl_module, "on_load_checkpoint"):
             pl_module.on_load_checkpoint(ckpt)

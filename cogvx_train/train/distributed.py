@@ -11,6 +11,7 @@ resolved config; a rank that does not arrive within the timeout, or arrives with
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -46,29 +47,57 @@ def describe_mismatch(entries: list[dict]) -> str | None:
             "with the same command line, config directory and code version.")
 
 
+def describe_missing(missing: list[int], arrived: list[int], timeout_s: float) -> str:
+    """One sentence naming the ranks that never reached the start-up check."""
+    names = ", ".join(str(r) for r in missing)
+    return (f"start-up check: rank{'s' if len(missing) > 1 else ''} {names} did not arrive within {timeout_s:g}s "
+            f"(ranks {', '.join(map(str, arrived)) or 'none'} did); check that every node was launched, runs the "
+            "same code and can reach MASTER_ADDR.")
+
+
+_ROUNDS = itertools.count()  # every rank runs the same checks in the same order: the n-th check meets the n-th
+
+
+def check_ranks_agree(cfg_hash: str, rank: int, world_size: int, timeout_s: float = 300.0,
+                      store: torch.distributed.Store | None = None) -> list[dict]:
+    """Every rank publishes {rank, host, hash, pid} in the job's key-value store (the one its process group was
+    built on) and waits at most `timeout_s` for all the others. Raises RuntimeError naming the ranks that never
+    arrived, or the ranks whose config hash differs from rank 0's; every rank that gets here raises the same.
+
+    A store, not a collective: a barrier on a process group blocks until its own timeout without saying who is
+    missing (monitored_barrier names them, but only on gloo and only after a group every rank must create, the
+    missing one included). Store keys can be waited for with a timeout and tested one by one.
+    """
+    store = store if store is not None else torch.distributed.distributed_c10d._get_default_store()
+    prefix = f"cogvx/start-up/{next(_ROUNDS)}/"
+    keys = [f"{prefix}{r}" for r in range(world_size)]
+    mine = {"rank": rank, "host": socket.gethostname(), "hash": cfg_hash, "pid": os.getpid()}
+    store.set(keys[rank], json.dumps(mine))
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except torch.distributed.DistStoreError:
+        arrived = [r for r, key in enumerate(keys) if store.check([key])]
+        missing = [r for r in range(world_size) if r not in arrived]
+        if missing:  # (empty when the last rank arrived just after the timeout)
+            raise RuntimeError(describe_missing(missing, arrived, timeout_s)) from None
+    entries = [json.loads(store.get(key)) for key in keys]
+    problem = describe_mismatch(entries)
+    if problem:
+        raise RuntimeError(problem)
+    return entries
+
+
 class ConfigAgreementCheck(Callback):
-    """At setup, a monitored barrier (names ranks that never arrive) and a hash comparison (names ranks that
-    arrive with another config). Runs on gloo so it works next to NCCL."""
+    """At setup, before anything heavy: `check_ranks_agree` names ranks that never arrive within `timeout_s` and
+    ranks that arrive with another config. Needs only the job's store, so it works under any backend."""
 
     def __init__(self, cfg_hash: str, timeout_s: float = 300.0) -> None:
         self.cfg_hash = cfg_hash
-        self.timeout = timedelta(seconds=timeout_s)
+        self.timeout_s = float(timeout_s)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if trainer.world_size == 1 or not torch.distributed.is_initialized():
             return
-        group = torch.distributed.new_group(backend="gloo", timeout=self.timeout)
-        try:
-            torch.distributed.monitored_barrier(group=group, timeout=self.timeout, wait_all_ranks=True)
-        except RuntimeError as err:  # the message lists the ranks that did not arrive
-            raise RuntimeError(f"start-up check: not every rank arrived within {self.timeout.seconds}s: {err}. "
-                               "Check that every node was launched and can reach MASTER_ADDR.") from err
-        mine = {"rank": trainer.global_rank, "host": socket.gethostname(), "hash": self.cfg_hash,
-                "pid": os.getpid()}
-        entries: list = [None] * trainer.world_size
-        torch.distributed.all_gather_object(entries, mine, group=group)
-        problem = describe_mismatch(entries)
-        if problem:
-            raise RuntimeError(problem)
+        check_ranks_agree(self.cfg_hash, trainer.global_rank, trainer.world_size, self.timeout_s)
         if trainer.global_rank == 0:
             log.info("start-up check: %d ranks agree on config hash %s", trainer.world_size, self.cfg_hash)

@@ -7,7 +7,7 @@ explicitly (``on_save_checkpoint``) and swaps it in for validation and export wi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -19,6 +19,10 @@ class EMA:
 
     Before ``start_step`` the shadow simply follows the weights (an average over the random initialisation and the
     first fast-moving steps would only have to be forgotten again).
+
+    A skipped optimizer step (non-finite gradients, see ``NonFiniteGuard``) must not count as one: folding the
+    unchanged weights in again would still pull the shadow towards them. Whoever skips the step calls
+    :meth:`skip_next_update` before the owner of the EMA calls :meth:`update`, which then leaves the shadow alone.
     """
 
     def __init__(self, model: nn.Module, decay: float, start_step: int = 0):
@@ -30,6 +34,9 @@ class EMA:
         self.shadow: dict[str, torch.Tensor] = {
             name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad
         }
+        # which optimizer steps this EMA's weights: the one that holds these parameter objects
+        self._param_ids = frozenset(id(p) for p in model.parameters() if p.requires_grad)
+        self._skip_next: Callable[[], bool] | None = None
 
     def _aligned(self, name: str, like: torch.Tensor) -> torch.Tensor:
         # the LightningModule moves the model to its device after the EMA was built: follow it lazily
@@ -45,9 +52,25 @@ class EMA:
             raise ValueError(f"the model's trainable parameters do not match the EMA's (missing {missing}, "
                              f"unexpected {extra}); build the EMA from the same model.")
 
+    def tracks(self, parameters: Iterable[torch.Tensor]) -> bool:
+        """Whether any of ``parameters`` is one of the weights this EMA averages (an optimizer's params)."""
+        return any(id(p) in self._param_ids for p in parameters)
+
+    def skip_next_update(self, skipped: Callable[[], bool] | None = None) -> None:
+        """The optimizer step in progress does not change the weights: the next :meth:`update` folds nothing in.
+
+        ``skipped``, when given, is asked at that update instead: an engine that decides inside its own ``step()``
+        whether the update is applied (DeepSpeed's overflow check) is only known to have skipped afterwards.
+        """
+        self._skip_next = skipped if skipped is not None else _always
+
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
-        """Fold the current weights in; ``step`` is the optimizer step that produced them."""
+        """Fold the current weights in; ``step`` is the optimizer step that produced them. Nothing happens when
+        that step was skipped (:meth:`skip_next_update`)."""
+        skip, self._skip_next = self._skip_next, None
+        if skip is not None and skip():
+            return
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._check_names(params)
         follow = step < self.start_step
@@ -97,5 +120,10 @@ class EMA:
         self.decay = float(state["decay"])
         self.start_step = int(state["start_step"])
         self.num_updates = int(state["num_updates"])
+        self._skip_next = None
         for name, t in state["shadow"].items():
             self.shadow[name] = t.float().to(self.shadow[name].device)
+
+
+def _always() -> bool:
+    return True

@@ -15,6 +15,12 @@ DeepSpeed gets our own subclass of Lightning's strategy, `CogvxDeepSpeedStrategy
   scatters them into the new engine's partitions; everything else (loops, data position, EMA, schedulers,
   callbacks) comes back through Lightning as usual. Same world size: the engine's own loader, bit for bit.
 
+Non-finite gradients. ZeRO holds the reduced gradients in per-rank flat partitions that no callback can reach, so
+`NonFiniteGuard` cannot drop them as it does under DDP. The engine can: its ZeRO-1/2 optimizer checks every slice
+for inf/NaN and all-reduces the verdict inside `step()`, skipping the update on every rank together. It does so by
+default only under fp16/bf16; the subclass turns it on at every precision (`enable_overflow_check`), and the guard
+reads the verdict from `engine.skipped_steps`.
+
 Gradient clipping under DeepSpeed happens inside the engine (`gradient_clipping` in its config): the
 LightningModule's `configure_gradient_clipping` is a no-op there, so `build_strategy(gradient_clip_val=...)` puts
 `optim.grad_clip` into the engine config.
@@ -152,7 +158,13 @@ class CogvxDeepSpeedStrategy(DeepSpeedStrategy):
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
         if not _on_cpu(self):
-            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+            engine, ds_optimizer = super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        else:
+            engine, ds_optimizer = self._setup_on_cpu(model, optimizer, lr_scheduler)
+        enable_overflow_check(ds_optimizer)
+        return engine, ds_optimizer
+
+    def _setup_on_cpu(self, model, optimizer, lr_scheduler=None):
         import argparse
 
         import deepspeed
@@ -216,6 +228,18 @@ class CogvxDeepSpeedStrategy(DeepSpeedStrategy):
         full = consolidate.load_full_training_state(path)
         load_full_state_into_engine(self.deepspeed_engine, self.lightning_module, full)
         return full.client_state
+
+
+def enable_overflow_check(zero_optimizer) -> None:
+    """Make the ZeRO-1/2 optimizer test its gradient partitions for inf/NaN at every precision (DeepSpeed does so
+    by default only under fp16/bf16) and skip the step on all ranks when any rank finds one. ZeRO-3's optimizer has
+    no such switch and needs none: it always takes the all-reduced global grad norm and skips when it is not
+    finite."""
+    if hasattr(zero_optimizer, "check_grad_overflow"):
+        zero_optimizer.check_grad_overflow = True
+    else:
+        log.info("%s has no overflow switch: non-finite steps are skipped by its grad-norm check",
+                 type(zero_optimizer).__name__)
 
 
 def load_full_state_into_engine(engine, module: torch.nn.Module, full) -> None:

@@ -1,8 +1,10 @@
 """The start-up check names the rank whose resolved config differs (two torchrun "nodes" on this machine, launched
-with different command lines), and describe_mismatch says which ranks differ from rank 0."""
+with different command lines) and, within its timeout, a rank that never arrives (two gloo processes, one of which
+never calls the check); describe_mismatch says which ranks differ from rank 0."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -71,3 +73,49 @@ def test_a_rank_with_another_config_is_named_at_start_up(tmp_path, cli_env, data
         assert lines, f"node {node}:\n{text[-3000:]}"
         assert "but rank 1 on " in lines[-1] and "launch every rank with the same command line" in lines[-1]
     assert not list((tmp_path / "out").rglob("*.ckpt"))  # nothing was trained
+
+
+# One process of a 2-rank gloo job. Rank 0 runs the real start-up check with a 3 s timeout; rank 1 joined the
+# process group (so the job exists) but never calls the check, as a rank stuck before training would.
+MISSING_RANK_WORKER = """
+import json, os, sys, time
+from datetime import timedelta
+from types import SimpleNamespace
+import torch.distributed as dist
+from cogvx_train.train.distributed import ConfigAgreementCheck
+rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=timedelta(seconds=120))
+if rank == 1:
+    time.sleep(60)  # killed by the test once rank 0 has answered
+    os._exit(0)
+start = time.monotonic()
+try:
+    ConfigAgreementCheck("abc", timeout_s=3).setup(SimpleNamespace(world_size=2, global_rank=0), None, "fit")
+    error = None
+except RuntimeError as err:
+    error = str(err)
+with open(out, "w") as f:
+    json.dump({"error": error, "seconds": time.monotonic() - start}, f)
+os._exit(0)
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_a_rank_that_never_arrives_is_named_within_the_timeout(tmp_path):
+    port, out = _free_port(), tmp_path / "rank0.json"
+    procs = [subprocess.Popen([sys.executable, "-c", MISSING_RANK_WORKER, str(rank), str(port), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        text = procs[0].communicate(timeout=90)[0]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 0, text[-3000:]
+    result = json.loads(out.read_text())
+    assert result["error"] is not None, "the check passed with a rank missing"
+    # the check's own timeout: neither the process group's (120 s) nor rank 1's exit (60 s)
+    assert 3 <= result["seconds"] < 10, result
+    assert "rank 1 did not arrive within 3s (ranks 0 did)" in result["error"], result["error"]

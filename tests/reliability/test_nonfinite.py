@@ -1,6 +1,7 @@
 """Non-finite guard on real runs (`debug_inject_nan_steps` fills chosen batches with NaN): a NaN step is skipped
-(weights unchanged), counted (train/skipped_nonfinite_steps), and `max_consecutive` of them in a row roll weights,
-EMA and optimizer back to the last checkpoint. DiT = automatic optimisation; VAE = manual, with G and D updates."""
+(weights and EMA unchanged), counted (train/skipped_nonfinite_steps), and `max_consecutive` of them in a row roll
+weights, EMA and optimizer back to the last checkpoint. DiT = automatic optimisation; VAE = manual, with G and D
+updates."""
 
 from __future__ import annotations
 
@@ -20,15 +21,20 @@ OVERRIDES = ["trainer.max_steps=7", "checkpoint.every_n_steps=3", "callbacks.non
 
 
 class WeightRecorder(Callback):
-    """The trainable weights after every step, per sub-model (after the guard has acted on the step)."""
+    """The trainable weights, EMA shadow and EMA update count after every step, per sub-model (after the guard has
+    acted on the step)."""
 
     def __init__(self, parts: tuple[str, ...]):
         self.parts = parts
         self.after: list[dict[str, torch.Tensor]] = []
+        self.ema: list[torch.Tensor] = []
+        self.ema_updates: list[int] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.after.append({part: torch.cat([p.detach().flatten() for p in getattr(pl_module, part).parameters()
                                             if p.requires_grad]).clone() for part in self.parts})
+        self.ema.append(torch.cat([t.flatten() for t in pl_module.ema.shadow.values()]).clone())
+        self.ema_updates.append(pl_module.ema.num_updates)
 
 
 def _train(overrides: list[str], run_path, recorder: WeightRecorder):
@@ -77,6 +83,14 @@ def test_nan_steps_are_skipped_counted_and_rolled_back(kind, tmp_path, cache_dir
         assert not torch.equal(w[0][part], w[2][part]) and not torch.equal(w[2][part], w[3][part]), part
     assert _same(w[1], w[0]), "the NaN step 1 changed the weights"
     assert _same(w[4], w[3]), "the NaN step 4 changed the weights"
+    # ... nor the EMA, which a normal step moves (the EMA of G only: a skipped step has no update to average)
+    shadows = recorder.ema
+    assert torch.equal(shadows[1], shadows[0]), "the NaN step 1 moved the EMA"
+    assert torch.equal(shadows[4], shadows[3]), "the NaN step 4 moved the EMA"
+    assert not torch.equal(shadows[2], shadows[1]) and not torch.equal(shadows[3], shadows[2])
+    # folds per step: steps 1 and 4 add none; the roll-back after step 5 restores the count saved at step 3
+    assert recorder.ema_updates == [1, 1, 2, 3, 3, 2, 3]
+    assert torch.equal(shadows[5], shadows[2])
     # the second NaN step in a row rolls back to the step-3 checkpoint: the weights after step 2, not after step 3
     assert _same(w[5], w[2]) and not _same(w[5], w[3])
     ckpt = torch.load(run.checkpoints / "step-00000006.ckpt", map_location="cpu", weights_only=False)

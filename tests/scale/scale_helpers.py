@@ -1,6 +1,7 @@
-"""Launching real multi-process runs from tests: the `cogvx-train` CLI under torchrun (CPU, gloo), and a bare
+"""Launching real multi-process runs from tests: the `cogvx-train` CLI under torchrun (CPU, gloo), a bare
 DeepSpeed engine worker for the consolidation tests (run as `python scale_helpers.py zero-worker ...` under
-torchrun). Everything is tiny: the tiny DiT/VAE/T5, 64x64 frames, 9 frames, a few steps, one thread per rank."""
+torchrun), and a ZeRO-2 training worker that puts NaN into one rank's batches (`nonfinite-worker`). Everything is
+tiny: the tiny DiT/VAE/T5, 64x64 frames, 9 frames, a few steps, one thread per rank."""
 
 from __future__ import annotations
 
@@ -204,8 +205,67 @@ def zero_worker(mode: str, folder: str, stage: int = 2) -> None:
     dist.barrier()
 
 
+# ------------------------------------------------------------------------------------------------------------
+# ZeRO-2 training (the factory's real datamodule, module, callbacks and strategy) with NaN batches on ONE rank:
+#   scale_helpers.py nonfinite-worker <out dir> <vae dir>     under torchrun with 2 processes
+# Each rank saves what it held after every step to <out dir>/rank<r>.pt.
+# ------------------------------------------------------------------------------------------------------------
+NAN_RANK = 1
+NAN_STEPS = (1, 4, 5)  # 1: one skip; 4, 5: two in a row -> roll back to the step-3 checkpoint after step 5
+NONFINITE_STEPS = 7
+
+
+def nonfinite_worker(folder: str, vae_dir: str) -> None:
+    import torch
+    from hydra import compose, initialize_config_module
+    from lightning.pytorch import Callback
+
+    from cogvx_train.config import resolvers
+    from cogvx_train.train import factory
+    from cogvx_train.train.callbacks import NonFiniteGuard
+    from cogvx_train.train.run_dir import RunDirectory
+
+    class NaNOnOneRank(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_rank == NAN_RANK and trainer.global_step in NAN_STEPS:
+                batch["video"].fill_(float("nan"))
+
+    class Recorder(Callback):
+        def __init__(self) -> None:
+            self.rows: list[dict] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            guard = next(cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
+            self.rows.append({
+                "weights": torch.cat([p.detach().flatten() for p in pl_module.dit.parameters()]).clone(),
+                "ema": torch.cat([t.flatten() for t in pl_module.ema.shadow.values()]).clone(),
+                "ema_updates": pl_module.ema.num_updates, "skipped": guard.total_skipped,
+                "rollbacks": guard.rollbacks, "engine": type(trainer.model).__name__,
+                "overflow_check": trainer.model.optimizer.check_grad_overflow})
+
+    torch.set_num_threads(1)
+    out = Path(folder)
+    resolvers.register()
+    overrides = [*TINY_DIT, f"model.vae.weights={vae_dir}", "trainer=deepspeed_zero2", "trainer.devices=2",
+                 f"trainer.max_steps={NONFINITE_STEPS}", "checkpoint.every_n_steps=3",
+                 "callbacks.nonfinite_guard.max_consecutive=2", f"paths.output_dir={out}"]
+    with initialize_config_module(config_module="cogvx_train.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    run = RunDirectory(out / "run")
+    factory.check_config(cfg, 2)
+    factory.seed_everything(cfg.seed)
+    datamodule, module = factory.build_datamodule(cfg), factory.build_module(cfg, run)
+    recorder = Recorder()
+    callbacks = [*factory.build_callbacks(cfg, run), NaNOnOneRank(), recorder]
+    trainer = factory.build_trainer(cfg, callbacks, factory.build_loggers(cfg, run))
+    trainer.fit(module, datamodule=datamodule)
+    torch.save(recorder.rows, out / f"rank{trainer.global_rank}.pt")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "zero-worker":
         zero_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 2)
+    elif sys.argv[1] == "nonfinite-worker":
+        nonfinite_worker(sys.argv[2], sys.argv[3])
     else:
-        raise SystemExit(f"unknown mode {sys.argv[1]!r}; use zero-worker")
+        raise SystemExit(f"unknown mode {sys.argv[1]!r}; use zero-worker or nonfinite-worker")
