@@ -92,6 +92,29 @@ def _positive(cfg: DictConfig, key: str, errors: list[str], allow_zero: bool = F
         errors.append(f"{key}={value!r} must be {'an' if integer else 'a'} {kind} {bound}.")
 
 
+def _context_parallel_clip_errors(cfg: DictConfig, cp: int) -> list[str]:
+    """The clips must split over ``cp`` ranks on the VAE's GroupNorm windows (context_parallel.py's rule)."""
+    from cogvx_train.vae import VAE_SIZES
+    from cogvx_train.vae.context_parallel import check_clip_split
+
+    d, vae = cfg.data, cfg.model.vae
+    errors = []
+    if d.use_images:
+        errors.append(f"context_parallel_size={cp} splits video clips along time and a still has one frame; set "
+                      "data.use_images=false (train on stills in a stage without context parallelism).")
+    if vae.size not in VAE_SIZES or check_num_frames(d.num_frames) is not None:
+        return errors  # reported on their own
+    arch = VAE_SIZES[vae.size]
+    overrides = OmegaConf.to_container(vae.overrides) if OmegaConf.is_config(vae.overrides) else vae.overrides or {}
+    windows = [overrides.get(k, getattr(arch, k)) for k in ("encoder_norm_window", "decoder_norm_window")]
+    ratio = overrides.get("temporal_compression_ratio", arch.temporal_compression_ratio)
+    try:
+        check_clip_split(d.num_frames, cp, ratio, *windows)
+    except ValueError as err:
+        errors.append(f"data.num_frames={d.num_frames} with context_parallel_size={cp}: {err}")
+    return errors
+
+
 def validate(cfg: DictConfig, world_size: int = 1) -> None:
     """Raise ConfigError listing every mistake in ``cfg``; return quietly when it is sound."""
     errors: list[str] = []
@@ -183,6 +206,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         elif world_size % cp:
             errors.append(f"context_parallel_size={cp} does not divide the world size {world_size}; "
                           f"launch a multiple of {cp} ranks.")
+        if isinstance(cp, int) and cp > 1:
+            errors += _context_parallel_clip_errors(cfg, cp)
     if task == "vae" and str(t.strategy).startswith("deepspeed"):
         errors.append(f"trainer={t.strategy} runs one optimizer per model and the VAE stages train two (G and D); "
                       "use trainer=ddp or trainer=fsdp for vae stages.")
@@ -246,4 +271,5 @@ def derive(cfg: DictConfig, world_size: int = 1) -> dict[str, Any]:
         cp = OmegaConf.select(cfg, "context_parallel_size", default=1) or 1
         out["context_parallel_size"] = cp
         out["data_parallel_size"] = max(1, world_size // cp)
+        out["global_batch_size"] = d.batch_size * out["data_parallel_size"]  # a group of cp ranks shares its clips
     return out

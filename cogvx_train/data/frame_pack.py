@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from cogvx_train.data.manifest import Manifest, read_manifest
 from cogvx_train.data.video_io import (
@@ -371,7 +372,7 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         self.shuffle, self.drop_last, self.pad_last_round = shuffle, drop_last, pad_last_round
         self.fixed_epoch = fixed_epoch
         self.position = position if position is not None else DataPosition()
-        self._cache: tuple[int, list[np.ndarray]] | None = None
+        self._cache: dict[int, list[np.ndarray]] = {}  # the last two epochs' global batches
         total = len(self.global_batches(self.epoch))
         if total == 0:
             raise ValueError(f"no complete batch can be formed: bucket sizes {self.bucket_sizes()} are all below "
@@ -413,8 +414,8 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's batches in global order (dataset indices), the same for every world size."""
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
+        if epoch in self._cache:
+            return self._cache[epoch]
         rng = np.random.default_rng([self.seed, epoch]) if self.shuffle else None
         video = self._bucket_batches(rng, images=False)
         image = self._bucket_batches(rng, images=True)
@@ -430,7 +431,8 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         batches = video + image
         if rng is not None:
             batches = [batches[k] for k in rng.permutation(len(batches))]
-        self._cache = (epoch, batches)
+        # two epochs: a stream() running ahead into the next epoch must not evict the one being consumed
+        self._cache = {e: b for e, b in self._cache.items() if e == epoch - 1} | {epoch: batches}
         return batches
 
     def _rank_batches(self) -> tuple[int, list[np.ndarray], int]:
@@ -441,7 +443,11 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         return epoch, batches, start
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
+        """This rank's batches of the current epoch, from the current position."""
         epoch, batches, start = self._rank_batches()
+        yield from self._epoch_batches(epoch, batches, start)
+
+    def _epoch_batches(self, epoch: int, batches: list[np.ndarray], start: int) -> Iterator[list[SampleKey]]:
         if self.pad_last_round and len(batches) % self.num_replicas:  # repeat from the start: equal counts
             padded = math.ceil(len(batches) / self.num_replicas) * self.num_replicas
             batches = [batches[k % len(batches)] for k in range(padded)]
@@ -449,6 +455,24 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         for k in range(rounds):
             batch = batches[start + k * self.num_replicas + self.rank]
             yield [(epoch, int(i)) for i in batch]
+
+    def stream(self) -> Iterator[list[SampleKey]]:
+        """This rank's batches from the current position on, epoch after epoch, without end: exactly what
+        iterating the sampler once per epoch gives, as one sequence. A DataLoader over it keeps its workers decoding
+        across epoch boundaries (``_PositionedDataLoader``). The position is read once, here; the stream never
+        changes it."""
+        if self.fixed_epoch is not None:
+            raise ValueError("a sampler with a fixed epoch (validation) repeats one epoch; iterate it instead.")
+        epoch, batches, start = self._rank_batches()
+        while True:
+            yield from self._epoch_batches(epoch, batches, start)
+            epoch, start = epoch + 1, 0
+            batches = self.global_batches(epoch)
+
+    def remaining(self) -> int:
+        """Batches this rank has left in the current epoch at the current position."""
+        _, batches, start = self._rank_batches()
+        return (len(batches) - start) // self.num_replicas
 
     def __len__(self) -> int:
         """Batches this rank sees in a whole epoch. After a resume at another world size the resumed epoch may be
@@ -468,14 +492,58 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         return (total - self.position.consumed) // self.num_replicas == 0
 
 
+class _EpochStream:
+    """The index sampler of ``_PositionedDataLoader``: its batch sampler's ``stream()``, with one epoch's length."""
+
+    def __init__(self, sampler: BucketBatchSampler):
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        return self.sampler.stream()
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class _PositionedDataLoader(DataLoader):
-    """A DataLoader that Lightning treats as resumable (it has state_dict/load_state_dict), so it does not warn
-    that a mid-epoch resume is unreliable. The authoritative position is the datamodule's state, which Lightning
-    restores before it builds the loader; the copy Lightning keeps in its loop state is informational only."""
+    """The training loader: one epoch per ``iter()``, like any DataLoader, but its workers never stop at an epoch's
+    end, so the next epoch's first batches are decoded while the current epoch's last ones train.
+
+    Underneath runs ONE iterator over ``BucketBatchSampler.stream()`` (every epoch's batches in order, from the
+    position at which it was started); each ``iter()`` hands out the ``remaining()`` batches of the current epoch
+    from it. It is restarted from the datamodule's position whenever that position is not where the stream stands
+    (a run resumed or rolled back, an epoch left early), so the batches are always exactly the sampler's.
+
+    Lightning treats it as resumable (it has state_dict/load_state_dict) and so does not warn that a mid-epoch
+    resume is unreliable. The authoritative position is the datamodule's state, which Lightning restores before it
+    builds the loader; the copy Lightning keeps in its loop state is informational only."""
 
     def __init__(self, *args, position: DataPosition, **kwargs):
         super().__init__(*args, **kwargs)
         self._position = position
+        self._stream_at: tuple[int, int] | None = None  # (epoch, consumed) of the stream's next batch
+
+    @property
+    def _index_sampler(self):
+        return _EpochStream(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        here = (self._position.epoch, self._position.consumed)
+        if self._iterator is None or self._stream_at != here:
+            if isinstance(self._iterator, _MultiProcessingDataLoaderIter):
+                self._iterator._shutdown_workers()
+            self._iterator = self._get_iterator()  # Lightning's teardown shuts its workers down and sets it to None
+        count = self.batch_sampler.remaining()
+        # where the stream stands once this epoch is handed out (the position DataPositionCallback will report)
+        self._stream_at = (here[0] + 1, 0) if count == 0 else here
+        return self._one_epoch(self._iterator, here[0], count)
+
+    def _one_epoch(self, stream, epoch: int, count: int) -> Iterator[dict[str, Any]]:
+        step = self.batch_sampler.num_replicas  # global batches per round
+        for k in range(1, count + 1):
+            batch = next(stream)
+            self._stream_at = (epoch + 1, 0) if k == count else (epoch, self._stream_at[1] + step)
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self._position)
@@ -522,7 +590,11 @@ class FramePackDataModule(LightningDataModule):
             ``image_ratio`` is the fraction of batches that are image batches (None: each still once per epoch).
         max_failure_rate: stop the run when more than this fraction of samples had to be replaced (judged over at
             least MIN_SAMPLES_FOR_RATE samples; one bad file never stops a run).
-        rank / world_size: override what the Trainer or torch.distributed says (tests, custom loops).
+        rank / world_size: override what the Trainer or torch.distributed says (tests, custom loops); process
+            ranks, like theirs.
+        context_parallel_size: consecutive processes [g*c, (g+1)*c) that share every clip (VAE stage A2): they
+            receive the same batches, as data-parallel rank rank // c of world_size // c. The data position stays
+            a global batch index, so resuming at another world or context-parallel size continues exactly.
     """
 
     def __init__(
@@ -553,6 +625,7 @@ class FramePackDataModule(LightningDataModule):
         prefetch_factor: int | None = None,
         rank: int | None = None,
         world_size: int | None = None,
+        context_parallel_size: int = 1,
     ):
         super().__init__()
         self.manifest_path = Path(manifest)
@@ -585,6 +658,10 @@ class FramePackDataModule(LightningDataModule):
             raise ValueError(f"decode_threads must be >= 0 (0: FFmpeg picks), got {decode_threads}.")
         if (rank is None) != (world_size is None):
             raise ValueError("give both rank and world_size, or neither.")
+        if isinstance(context_parallel_size, bool) or not isinstance(context_parallel_size, int) \
+                or context_parallel_size < 1:
+            raise ValueError(f"context_parallel_size must be a positive integer, got {context_parallel_size!r}.")
+        self.context_parallel_size = context_parallel_size
         self.num_val_clips, self.val_start, self.use_images = num_val_clips, val_start, bool(use_images)
         self.num_workers = num_workers
         self.val_num_workers = num_workers if val_num_workers is None else val_num_workers
@@ -647,7 +724,7 @@ class FramePackDataModule(LightningDataModule):
         log.info("frame pack: %d training samples in buckets %s; %d validation clips", len(self.train_dataset),
                  self.train_dataset.bucket_sizes(), len(val_rows))
 
-    def _rank_and_world(self) -> tuple[int, int]:
+    def _process_rank_and_world(self) -> tuple[int, int]:
         if self._rank_override is not None:
             return self._rank_override
         trainer = self.trainer
@@ -656,6 +733,19 @@ class FramePackDataModule(LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
+
+    def _data_parallel_world(self, world: int) -> int:
+        """Ranks that get different batches: the processes, counting each context-parallel group once."""
+        c = self.context_parallel_size
+        if world % c:
+            raise ValueError(f"context_parallel_size={c} does not divide the world size {world}; launch a multiple "
+                             f"of {c} ranks.")
+        return world // c
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """(data-parallel rank, data-parallel world): what the batch sampler shards over."""
+        rank, world = self._process_rank_and_world()
+        return rank // self.context_parallel_size, self._data_parallel_world(world)
 
     def _loader_kwargs(self, num_workers: int) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate_frame_pack,
@@ -712,9 +802,9 @@ class FramePackDataModule(LightningDataModule):
                                 max_failure_rate: float | None = None) -> None:
         """Called once per training batch after the step (by DataPositionCallback): advance the position, count
         replaced samples and stop the run if the failure rate passes ``max_failure_rate`` (default: this
-        datamodule's)."""
+        datamodule's). ``world_size``: processes in the job (each context-parallel group consumed one batch)."""
         position = self.position
-        position.consumed += int(world_size or self._world_size)
+        position.consumed += self._data_parallel_world(int(world_size)) if world_size else self._world_size
         position.steps_in_epoch += 1
         if self.train_sampler is not None and self.train_sampler.exhausted():
             position.set_epoch(position.epoch + 1)  # so a checkpoint taken now resumes at the next epoch

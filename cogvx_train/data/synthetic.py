@@ -6,6 +6,11 @@ e.g. "a blue square". Clips use a few aspect ratios, frame counts and frame rate
 fps resampling all get exercised. Everything is a function of the seed: the same seed gives byte-identical files
 (x264 runs single-threaded). The manifest is built by the same code as for real data (``manifest.build_manifest``).
 
+The default set (``ensure_default_dataset``, what runs with ``data.manifest=null`` train on) is DEFAULT_DATASET:
+48 short clips, every (colour, direction, shape) of the four DEFAULT_COLORS exactly once, so a model that
+learns from it can be asked for any colour moving in any direction (cogvx_train/eval/prompt_following.py checks
+that it does).
+
 Also here: index clips for tests (``write_index_clip``: frame i shows i in binary as horizontal black/white
 bands, which survive H.264 and resizing; ``decode_frame_index`` reads it back) and ``ensure_default_dataset``,
 which generates the default set once into a cache directory, safely when several ranks ask at once.
@@ -45,7 +50,12 @@ BACKGROUND_COLORS = ((12, 12, 12), (45, 45, 50), (18, 28, 70), (20, 60, 32), (70
 DEFAULT_SIZES = ((160, 96), (128, 128), (96, 160))  # (width, height): landscape, square, portrait
 DEFAULT_FRAME_COUNTS = (33, 41, 49)
 DEFAULT_FPS = (8.0, 12.0, 16.0)
-DEFAULT_DATASET_NAME = "synthetic-v1"
+# Four colours far apart in RGB: a tiny VAE keeps them apart and a tiny DiT can be asked for each by name.
+DEFAULT_COLORS = ("red", "green", "blue", "yellow")
+DEFAULT_DATASET_NAME = "synthetic-v2"
+# The default set: every (colour, direction, shape) once (4 x 4 x 3 = 48 clips); clips of 9-17 frames at 8-16
+# fps last 0.5-2 s, so the demo's 9 frames at 8 fps show most of a crossing, sometimes padded by the last frame.
+DEFAULT_DATASET = dict(num_videos=48, num_images=8, colors=DEFAULT_COLORS, frame_counts=(9, 13, 17))
 INDEX_BITS = 10  # write_index_clip encodes frame indices 0..1023
 
 
@@ -154,9 +164,22 @@ def _pick_background(rng: np.random.Generator) -> tuple[tuple[int, int, int], tu
     return BACKGROUND_COLORS[int(i)], BACKGROUND_COLORS[int(j)], style
 
 
+def _check_colors(colors: Sequence[str] | None) -> tuple[str, ...]:
+    colors = tuple(COLORS) if colors is None else tuple(colors)
+    unknown = [c for c in colors if c not in COLORS]
+    if not colors or unknown:
+        raise ValueError(f"colors must be a non-empty list of {', '.join(COLORS)}; got {list(colors)}.")
+    return colors
+
+
 def clip_specs(num_videos: int, seed: int, size: Sequence[int] | None = None, frames: int | None = None,
-               fps: float | None = None) -> list[ShapeSpec]:
-    """The seeded list of clip descriptions; shape and direction cycle so even a tiny set covers them all."""
+               fps: float | None = None, colors: Sequence[str] | None = None,
+               frame_counts: Sequence[int] = DEFAULT_FRAME_COUNTS) -> list[ShapeSpec]:
+    """The seeded list of clip descriptions. Shape and direction cycle (every 12 clips cover all their pairs) and
+    the colour shifts by one for each such block, so every 12 x len(colors) clips hold each (colour, direction,
+    shape) exactly once and even 12 clips show every colour (of up to 12)."""
+    colors = _check_colors(colors)
+    pairs = len(SHAPES) * len(DIRECTIONS)
     specs = []
     for i in range(num_videos):
         rng = np.random.default_rng([seed, 0, i])
@@ -164,24 +187,26 @@ def clip_specs(num_videos: int, seed: int, size: Sequence[int] | None = None, fr
         specs.append(ShapeSpec(
             shape=SHAPES[i % len(SHAPES)],
             direction=list(DIRECTIONS)[(i // len(SHAPES)) % len(DIRECTIONS)],
-            color=list(COLORS)[int(rng.integers(len(COLORS)))],
+            color=colors[(i % pairs + i // pairs) % len(colors)],
             background=_pick_background(rng),
             width=int(width), height=int(height),
-            num_frames=int(frames) if frames is not None else int(rng.choice(DEFAULT_FRAME_COUNTS)),
+            num_frames=int(frames) if frames is not None else int(rng.choice(frame_counts)),
             fps=float(fps) if fps is not None else float(rng.choice(DEFAULT_FPS)),
             cross=float(rng.uniform(0.2, 0.8)),
         ))
     return specs
 
 
-def image_specs(num_images: int, seed: int, size: Sequence[int] | None = None) -> list[ShapeSpec]:
+def image_specs(num_images: int, seed: int, size: Sequence[int] | None = None,
+                colors: Sequence[str] | None = None) -> list[ShapeSpec]:
+    colors = _check_colors(colors)
     specs = []
     for i in range(num_images):
         rng = np.random.default_rng([seed, 1, i])
         width, height = size if size is not None else DEFAULT_SIZES[i % len(DEFAULT_SIZES)]
         specs.append(ShapeSpec(
             shape=SHAPES[i % len(SHAPES)],
-            color=list(COLORS)[int(rng.integers(len(COLORS)))],
+            color=colors[int(rng.integers(len(colors)))],
             background=_pick_background(rng),
             width=int(width), height=int(height),
             cross=float(rng.uniform(0.0, 1.0)), along=float(rng.uniform(0.0, 1.0)),
@@ -211,14 +236,17 @@ def generate_synthetic_dataset(
     size: Sequence[int] | None = None,
     frames: int | None = None,
     fps: float | None = None,
+    colors: Sequence[str] | None = None,
+    frame_counts: Sequence[int] = DEFAULT_FRAME_COUNTS,
     workers: int = 0,
     progress: bool = False,
 ) -> Path:
     """Write clips (videos/clip_NNN.mp4), stills (images/image_NNN.png), sidecar captions and the manifest.
 
     ``size`` is (width, height) for every file (default: a mix of 160x96, 128x128 and 96x160); ``frames`` and
-    ``fps`` fix the clip length and rate (default: drawn from 33/41/49 frames and 8/12/16 fps). Returns the
-    manifest path ``out_dir/manifest.jsonl``. ``out_dir`` must be new or empty.
+    ``fps`` fix the clip length and rate (default: drawn from ``frame_counts`` and 8/12/16 fps); ``colors``
+    names the shape colours used (default: all of COLORS). Returns the manifest path ``out_dir/manifest.jsonl``.
+    ``out_dir`` must be new or empty.
     """
     from PIL import Image
 
@@ -230,17 +258,20 @@ def generate_synthetic_dataset(
         raise ValueError(f"{out_dir} is not empty; give a new or empty folder for the synthetic dataset.")
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    for i, spec in enumerate(clip_specs(num_videos, seed, size, frames, fps)):
+    if not frame_counts or min(frame_counts) < 2:
+        raise ValueError(f"frame_counts must be clip lengths of at least 2 frames, got {list(frame_counts)}.")
+    for i, spec in enumerate(clip_specs(num_videos, seed, size, frames, fps, colors, frame_counts)):
         write_mp4(out_dir / "videos" / f"clip_{i:03d}.mp4", render(spec), spec.fps)
         (out_dir / "videos" / f"clip_{i:03d}.txt").write_text(spec.caption + "\n", encoding="utf-8")
-    for i, spec in enumerate(image_specs(num_images, seed, size)):
+    for i, spec in enumerate(image_specs(num_images, seed, size, colors)):
         Image.fromarray(render(spec)[0]).save(out_dir / "images" / f"image_{i:03d}.png")
         (out_dir / "images" / f"image_{i:03d}.txt").write_text(spec.caption + "\n", encoding="utf-8")
     manifest_path = out_dir / "manifest.jsonl"
     build_manifest(out_dir, manifest_path, workers=workers, progress=progress)
     manifest = read_manifest(manifest_path)
     manifest.header["synthetic"] = {"seed": seed, "num_videos": num_videos, "num_images": num_images,
-                                    "size": list(size) if size is not None else None, "frames": frames, "fps": fps}
+                                    "size": list(size) if size is not None else None, "frames": frames, "fps": fps,
+                                    "colors": list(_check_colors(colors)), "frame_counts": list(frame_counts)}
     write_manifest(manifest_path, manifest)
     return manifest_path
 
@@ -252,8 +283,8 @@ def default_cache_dir() -> Path:
 
 
 def ensure_default_dataset(cache_dir: str | Path | None = None) -> Path:
-    """Manifest of the default synthetic set in ``cache_dir/synthetic-v1`` (default cache: ``default_cache_dir()``),
-    generated on first use.
+    """Manifest of the default synthetic set (DEFAULT_DATASET) in ``cache_dir/synthetic-v2`` (default cache:
+    ``default_cache_dir()``), generated on first use.
 
     Several processes (ranks) may call this at once: a file lock makes one of them generate, and the set is built
     in a temporary folder and renamed into place, so nobody ever sees a half-written dataset (the rename alone
@@ -276,7 +307,7 @@ def ensure_default_dataset(cache_dir: str | Path | None = None) -> Path:
             return manifest
         tmp = Path(tempfile.mkdtemp(prefix=f"{DEFAULT_DATASET_NAME}.tmp-", dir=root))
         try:
-            generate_synthetic_dataset(tmp)
+            generate_synthetic_dataset(tmp, **DEFAULT_DATASET)
             os.rename(tmp, final)
         except OSError:
             if not manifest.is_file():  # the rename failed and nobody else finished either

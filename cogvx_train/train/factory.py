@@ -60,6 +60,11 @@ def training_manifest(cfg: DictConfig) -> str:
     return str(ensure_default_dataset(Path(cfg.paths.cache_dir).expanduser()))
 
 
+def context_parallel_size(cfg: DictConfig) -> int:
+    """Ranks that share one clip (VAE stage A2); 1 everywhere else."""
+    return int(OmegaConf.select(cfg, "context_parallel_size", default=1) or 1) if cfg.task == "vae" else 1
+
+
 def build_datamodule(cfg: DictConfig):
     d = cfg.data
     if d.latent_cache:
@@ -82,6 +87,7 @@ def build_datamodule(cfg: DictConfig):
         num_workers=d.num_workers,
         seed=cfg.seed,
         max_failure_rate=d.max_failure_rate,
+        context_parallel_size=context_parallel_size(cfg),
     )
 
 
@@ -100,6 +106,7 @@ def build_module(cfg: DictConfig, run: RunDirectory):
             ema_start_step=cfg.ema.start_step,
             samples_dir=str(run.samples),
             gradient_checkpointing=cfg.model.gradient_checkpointing,
+            context_parallel_size=context_parallel_size(cfg),
         )
     else:
         from cogvx_train.dit.module import DiTTrainingModule
@@ -171,6 +178,10 @@ def build_callbacks(cfg: DictConfig, run: RunDirectory) -> list:
         from cogvx_train.train.sync_check import WeightSyncCheck
 
         callbacks.append(WeightSyncCheck(every_n_steps=int(c.weight_sync_check)))
+    if c.get("validate_at_start"):  # last: the step-0 baseline runs after every other start-up hook
+        from cogvx_train.train.validate_at_start import ValidateAtStart
+
+        callbacks.append(ValidateAtStart())
     return callbacks
 
 
@@ -205,6 +216,9 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
 
     t = cfg.trainer
     extra = {k: t[k] for k in ("fast_dev_run", "overfit_batches") if k in t}
+    if cfg.task == "vae" and str(t.strategy) == "auto" and world_size_from_env(cfg) > 1:
+        # Lightning's "auto" would pick DDP without the unused-parameter search the G/D loop needs
+        t = OmegaConf.merge(t, {"strategy": "ddp"})
     return Trainer(
         accelerator=t.accelerator,
         devices=t.devices,

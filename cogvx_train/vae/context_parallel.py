@@ -20,7 +20,11 @@ With per-window GroupNorm each m_r (but the last rank's) must be a multiple of w
 
 Parameter gradients computed on each rank are that rank's share; summing them over the group
 (:func:`all_reduce_grads`) gives the single-process gradient of the summed loss. A loss that averages over
-frames must divide by the global frame count, not the local one.
+frames must divide by the global frame count, not the local one: :class:`ClipShare` says which frames of the
+clip a rank holds, and the VAE losses take it to compute each rank's share of every term.
+
+Groups. :func:`new_context_parallel_group` splits the job into groups of consecutive ranks
+([g * size, (g + 1) * size)), so the data-parallel rank of rank r is r // size.
 
 Usage::
 
@@ -33,10 +37,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -132,6 +139,27 @@ def frame_split_sizes(
     return sizes
 
 
+def latent_split_sizes(frame_sizes: list[int], time_compression: int = 4) -> list[int]:
+    """Latent frames per rank for a clip split by :func:`frame_split_sizes` (rank 0: 1 + m_0, rank r: m_r)."""
+    return [1 + (frame_sizes[0] - 1) // time_compression] + [n // time_compression for n in frame_sizes[1:]]
+
+
+def check_clip_split(num_frames: int, world: int, time_compression: int = 4, encoder_window: int | None = None,
+                     decoder_window: int | None = None) -> list[int]:
+    """Frames per rank for a clip the encoder AND the decoder can run context-parallel; one-sentence ValueError
+    otherwise. The split follows the encoder's GroupNorm window; the latent slices it gives must end on the
+    decoder's window too (rank boundaries may not cut a window)."""
+    sizes = frame_split_sizes(num_frames, world, time_compression, encoder_window)
+    if decoder_window is not None:
+        latent = latent_split_sizes(sizes, time_compression)
+        if any((n - (r == 0)) % decoder_window for r, n in enumerate(latent[:-1])):
+            raise ValueError(
+                f"Split over {world} ranks, {num_frames} frames give latent slices of {latent} frames, which do not "
+                f"end on the decoder's GroupNorm window of {decoder_window} latent frames; use "
+                f"decoder_norm_window = encoder_norm_window / {time_compression} (the released 8 and 2).")
+    return sizes
+
+
 def split_frames_for_rank(
     x: torch.Tensor, rank: int, world: int, time_compression: int = 4, window: int | None = None
 ) -> torch.Tensor:
@@ -156,6 +184,116 @@ def gather_frames(x_local: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([part[:, :, : int(n.item())] for part, n in zip(parts, lengths)], dim=2)
+
+
+@dataclass(frozen=True)
+class ClipShare:
+    """The frames of every clip in a batch that this rank holds, and the group holding the rest.
+
+    ``sizes`` are the frames per rank of the group in rank order (one entry: this rank holds whole clips, no
+    group). A loss term averaged with the whole clip's denominators over this rank's frames is this rank's share:
+    the shares sum over the group (:meth:`sum`) to the whole-clip value one process would compute.
+    """
+
+    sizes: tuple[int, ...]
+    rank: int = 0
+    group: Any = None
+
+    @classmethod
+    def whole(cls, clip_frames: int) -> "ClipShare":
+        return cls((clip_frames,))
+
+    @classmethod
+    def for_rank(cls, clip_frames: int, group, time_compression: int = 4, encoder_window: int | None = None,
+                 decoder_window: int | None = None) -> "ClipShare":
+        """This rank's share of ``clip_frames``-frame clips under the context-parallel ``group``."""
+        world = dist.get_world_size(group)
+        sizes = check_clip_split(clip_frames, world, time_compression, encoder_window, decoder_window)
+        return cls(tuple(sizes), dist.get_rank(group), group)
+
+    @property
+    def size(self) -> int:
+        """Ranks sharing each clip."""
+        return len(self.sizes)
+
+    @property
+    def start(self) -> int:
+        return sum(self.sizes[: self.rank])
+
+    @property
+    def frames(self) -> int:
+        return self.sizes[self.rank]
+
+    @property
+    def clip_frames(self) -> int:
+        return sum(self.sizes)
+
+    def latent(self, time_compression: int = 4) -> "ClipShare":
+        """The same share counted in latent frames."""
+        return ClipShare(tuple(latent_split_sizes(list(self.sizes), time_compression)), self.rank, self.group)
+
+    def local(self, t: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """This rank's frames of whole clips ``t`` (time on ``dim``)."""
+        return t.narrow(dim, self.start, self.frames)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of the group's shares ``t`` (differentiable); ``t`` itself without a group."""
+        return t if self.group is None else all_reduce_sum(t, self.group)
+
+    def broadcast_(self, t: torch.Tensor) -> torch.Tensor:
+        """The group's first rank's ``t``, in place on every rank (for random draws all ranks must share)."""
+        if self.group is not None:
+            dist.broadcast(t, dist.get_global_rank(self.group, 0), group=self.group)
+        return t
+
+    def gather(self, x_local: torch.Tensor) -> torch.Tensor:
+        """Whole clips [B, C, T, H, W] from every rank's slice (differentiable: each rank's slice receives the sum
+        of the gradients all ranks' copies of it get); ``x_local`` itself without a group."""
+        if self.group is None:
+            return x_local
+        return _GatherFrames.apply(x_local, self.sizes, self.group)
+
+
+class _GatherFrames(torch.autograd.Function):
+    """Forward: every rank's slice, concatenated along T in rank order. Backward: the whole clip's gradient summed
+    over the group (every rank may have used the clip), then this rank's frames of it. Written out because
+    torch's differentiable all_gather emulates reduce-scatter with scatters whose source is a group rank, which
+    is wrong on gloo for groups that do not start at rank 0."""
+
+    @staticmethod
+    def forward(ctx, x_local: torch.Tensor, sizes: tuple[int, ...], group) -> torch.Tensor:
+        rank = dist.get_rank(group)
+        ctx.sizes, ctx.group, ctx.rank = sizes, group, rank
+        longest = max(sizes)
+        padded = F.pad(x_local, (0, 0, 0, 0, 0, longest - x_local.shape[2])).contiguous()  # T padded to longest
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([part[:, :, :n] for part, n in zip(parts, sizes)], dim=2)
+
+    @staticmethod
+    def backward(ctx, grad_clip: torch.Tensor):
+        grad_clip = grad_clip.clone(memory_format=torch.contiguous_format)  # the all-reduce works in place
+        dist.all_reduce(grad_clip, op=dist.ReduceOp.SUM, group=ctx.group)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad_clip[:, :, start : start + ctx.sizes[ctx.rank]], None, None
+
+
+def new_context_parallel_group(size: int):
+    """Split the job's ranks into groups of ``size`` consecutive ranks and return this rank's group.
+
+    Every rank must call this (each group is created collectively). The data-parallel rank is then rank // size
+    and the data-parallel world world_size // size, which is how the frame-pack datamodule shards the data.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if size < 1 or world % size:
+        raise ValueError(f"context_parallel_size={size} does not divide the world size {world}; launch a multiple "
+                         f"of {size} ranks.")
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = group
+    return mine
 
 
 def all_reduce_grads(module: nn.Module, group) -> None:

@@ -14,6 +14,13 @@ and KL) divided by a constant, so ``kl_weight = 1e-6`` means what it means there
 constant because lambda scales with the reconstruction gradient.
 
 All loss arithmetic runs in fp32 with autocast off, whatever the trainer's precision.
+
+Context parallelism (``share``: a :class:`ClipShare`). A rank that holds only some frames of each clip computes
+its share of every term in ``SHARED_TERMS`` (sums over its frames divided by the WHOLE clip's counts), so the
+shares sum over the group to what one process computes on the whole clip. The discriminator judges whole clips
+(the group's reconstructions gathered), so ``g_loss``, ``adaptive_weight`` and ``logits_fake`` are whole-clip
+values on every rank; ``total`` counts ``g_loss`` as 1/size per rank. The LPIPS frame choice is the group's
+first rank's draw (global frame indices), and lambda uses the last layer's whole-clip gradients.
 """
 
 from __future__ import annotations
@@ -25,10 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cogvx_train.vae.context_parallel import ClipShare
 from cogvx_train.vae.lpips_loss import PerceptualLoss
 from cogvx_train.vae.metrics import real_frame_mask
 
 DISC_LOSSES = ("hinge", "vanilla")
+# generator_loss entries that are per-rank shares under context parallelism (their group sum is the clip's value)
+SHARED_TERMS = ("l1", "lpips", "kl", "kl_per_clip", "rec", "total")
 
 
 @dataclass
@@ -114,9 +124,12 @@ class VAELoss(nn.Module):
 
     # ---- terms -------------------------------------------------------------------------------------------------
 
-    def l1(self, x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def l1(self, x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor,
+           real_per_clip: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean |x - x_hat| over the real frames; ``real_per_clip`` [B]: real frames of each whole clip when x holds
+        a context-parallel share (default: the mask's count)."""
         per_frame = (x - x_hat).abs().mean(dim=(1, 3, 4))  # [B, T]
-        per_clip = (per_frame * mask).sum(1) / mask.sum(1)
+        per_clip = (per_frame * mask).sum(1) / (mask.sum(1) if real_per_clip is None else real_per_clip)
         return per_clip.mean()
 
     def lpips_frame_index(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,19 +145,27 @@ class VAELoss(nn.Module):
             frames.append(real)
         return torch.cat(clips), torch.cat(frames)
 
-    def lpips(self, x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def lpips(self, x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor,
+              share: ClipShare | None = None) -> torch.Tensor:
+        """Mean LPIPS over the chosen frames; ``mask`` [B, T_clip] covers whole clips, x this rank's share."""
+        share = share or ClipShare.whole(mask.shape[1])
         clip_idx, frame_idx = self.lpips_frame_index(mask)
+        share.broadcast_(clip_idx)  # one draw for the whole group (every rank's has the same size: same mask)
+        share.broadcast_(frame_idx)
+        b = mask.shape[0]
+        chosen = torch.bincount(clip_idx, minlength=b).clamp(min=1)  # frames per whole clip
+        mine = (frame_idx >= share.start) & (frame_idx < share.start + share.frames)
+        clip_idx, frame_idx = clip_idx[mine], frame_idx[mine] - share.start
         # advanced indices on dims 0 and 2 around a slice: [B, C, T, H, W] -> [N, C, H, W]
         d = self.perceptual(x[clip_idx, :, frame_idx], x_hat[clip_idx, :, frame_idx])  # [N]
-        b = mask.shape[0]
         per_clip = torch.zeros(b, device=d.device).index_add_(0, clip_idx, d)
-        per_clip = per_clip / torch.bincount(clip_idx, minlength=b).clamp(min=1)
-        return per_clip.mean()
+        return (per_clip / chosen).mean()
 
-    def kl(self, posterior, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(KL per pixel value, KL per clip) in fp32, both batch means (see the module docstring for the scale)."""
+    def kl(self, posterior, x: torch.Tensor, clip_frames: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(KL per pixel value, KL per clip) in fp32, both batch means (see the module docstring for the scale);
+        ``clip_frames``: frames of the whole clip when x and the posterior are a context-parallel share."""
         kl_per_clip = posterior.kl().float()  # [B], summed over the latent's C, T, H, W
-        pixels = x[0].numel()
+        pixels = x[0, :, 0].numel() * (x.shape[2] if clip_frames is None else clip_frames)
         return (kl_per_clip / pixels).mean(), kl_per_clip.mean()
 
     def generator_adversarial(self, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -153,11 +174,14 @@ class VAELoss(nn.Module):
             return -logits_fake.mean()
         return F.softplus(-logits_fake).mean()
 
-    def adaptive_weight(self, rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
+    def adaptive_weight(self, rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                        share: ClipShare | None = None) -> torch.Tensor:
         """lambda = clamp(||grad_W rec|| / (||grad_W g|| + 1e-4), 0, max): balances the GAN gradient against the
-        reconstruction gradient where they meet, at the decoder's output layer. A constant (no gradient)."""
-        rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
-        g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+        reconstruction gradient where they meet, at the decoder's output layer. A constant (no gradient).
+        With a ``share`` the losses are this rank's shares and their gradients are summed over the group."""
+        share = share or ClipShare.whole(1)
+        rec_grad = share.sum(torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0])
+        g_grad = share.sum(torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0])
         ratio = rec_grad.float().norm() / (g_grad.float().norm() + 1e-4)
         return ratio.clamp(0.0, self.adaptive_weight_max).detach()
 
@@ -165,40 +189,46 @@ class VAELoss(nn.Module):
 
     def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, posterior, step: int,
                        discriminator: nn.Module | None = None, last_layer: torch.Tensor | None = None,
-                       num_real_frames: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       num_real_frames: torch.Tensor | None = None,
+                       share: ClipShare | None = None) -> dict[str, torch.Tensor]:
         """Every term by name, fp32 scalars. ``total`` is what the VAE minimises.
 
         Before ``disc_start`` the discriminator is not run at all (not in the graph) and ``gan_active`` is 0; from
         then on ``g_loss``, ``adaptive_weight``, ``gan_weight`` (= lambda * disc_weight) and ``logits_fake`` join.
+        ``share``: x, x_hat and the posterior hold this rank's frames of each clip (see the module docstring).
         """
         if x.shape != x_hat.shape or x.ndim != 5:
             raise ValueError(f"the VAE loss compares two [B, 3, T, H, W] clips of one shape, got {tuple(x.shape)} "
                              f"and {tuple(x_hat.shape)}.")
+        share = share or ClipShare.whole(x.shape[2])
+        if x.shape[2] != share.frames:
+            raise ValueError(f"this rank's share of the clip has {share.frames} frames, but x has {x.shape[2]}.")
         gan_on = self.gan_active(step)
         logits_fake = None
         if gan_on:
             if discriminator is None or last_layer is None:
                 raise ValueError(f"step {step} >= vae_loss.disc_start={self.disc_start}: the generator loss needs "
                                  "the discriminator and the decoder's last-layer weight.")
-            logits_fake = discriminator(x_hat)  # runs under the trainer's autocast; the loss math below is fp32
+            # whole clips (the group's slices gathered); under the trainer's autocast, the loss math below is fp32
+            logits_fake = discriminator(share.gather(x_hat))
         with torch.autocast(device_type=x.device.type, enabled=False):
             x, x_hat = x.float(), x_hat.float()
-            b, _, t, _, _ = x.shape
-            mask = real_frame_mask(num_real_frames, b, t, x.device).float()
-            out: dict[str, torch.Tensor] = {"l1": self.l1(x, x_hat, mask)}
+            clip_mask = real_frame_mask(num_real_frames, x.shape[0], share.clip_frames, x.device).float()  # [B, T]
+            out: dict[str, torch.Tensor] = {"l1": self.l1(x, x_hat, share.local(clip_mask, 1), clip_mask.sum(1))}
             out["rec"] = self.l1_weight * out["l1"]
             if self.lpips_weight > 0:  # with weight 0 the term is absent, not a silent zero
-                out["lpips"] = self.lpips(x, x_hat, mask)
+                out["lpips"] = self.lpips(x, x_hat, clip_mask, share)
                 out["rec"] = out["rec"] + self.lpips_weight * out["lpips"]
-            out["kl"], out["kl_per_clip"] = self.kl(posterior, x)
+            out["kl"], out["kl_per_clip"] = self.kl(posterior, x, share.clip_frames)
             total = out["rec"] + self.kl_weight * out["kl"]
             out["gan_active"] = x.new_tensor(float(gan_on))
             if gan_on:
                 out["g_loss"] = self.generator_adversarial(logits_fake)
-                out["adaptive_weight"] = self.adaptive_weight(out["rec"], out["g_loss"], last_layer)
+                g_share = out["g_loss"] / share.size  # every rank holds the whole-clip g_loss
+                out["adaptive_weight"] = self.adaptive_weight(out["rec"], g_share, last_layer, share)
                 out["gan_weight"] = out["adaptive_weight"] * self.disc_weight
                 out["logits_fake"] = logits_fake.detach().float().mean()
-                total = total + out["gan_weight"] * out["g_loss"]
+                total = total + out["gan_weight"] * g_share
             out["total"] = total
         return out
 

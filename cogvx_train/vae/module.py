@@ -11,25 +11,40 @@ optimisation (Lightning issue #17958), so with two optimizers ``max_steps``, log
 count D updates too. Here the discriminator's step is kept out of that count, so ``trainer.global_step`` is the
 number of generator steps, and the module also keeps its own ``generator_step`` (saved in checkpoints) that drives
 ``disc_start`` and both lr schedules; a mismatch between the two is reported.
+
+Temporal context parallelism (``context_parallel_size`` = c > 1, stage A2). Consecutive ranks [g*c, (g+1)*c) form
+a group that receives the same clips (the datamodule shards data over world/c data-parallel ranks); each rank
+encodes and decodes its slice of the frames (context_parallel.py) and computes its share of every loss term with
+the whole clip's denominators (losses.py), so the group's shares sum to the one-process loss; logs are those sums.
+* Posterior noise is drawn for the whole clip's latent by the group's first rank and broadcast.
+* G's gradient: each rank backpropagates c x its share (see training_step), so DDP's average over all ranks is the
+  data-parallel average of whole-clip gradients.
+* D sees whole clips: the real clip (every rank has it) and the group's reconstructions gathered; every rank of a
+  group computes the same D loss, so D needs no scaling. The adaptive GAN weight uses whole-clip gradients.
+* Validation: every rank reconstructs its slice, the group gathers the whole reconstruction, and the metrics are
+  computed on whole clips on every rank of the group (identical values, so the mean over ranks is unchanged).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from cogvx_train.train.ema import EMA
 from cogvx_train.train.lr_schedule import build_lr_lambda
 from cogvx_train.train.video_writer import side_by_side, write_video
+from cogvx_train.vae.context_parallel import ClipShare, new_context_parallel_group, temporal_context_parallel
 from cogvx_train.vae.discriminator import build_discriminator
-from cogvx_train.vae.losses import VAELoss, VAELossConfig
+from cogvx_train.vae.losses import SHARED_TERMS, VAELoss, VAELossConfig
 from cogvx_train.vae.metrics import reconstruction_metrics
 
 log = logging.getLogger(__name__)
@@ -96,7 +111,7 @@ class VAETrainingModule(pl.LightningModule):
                  loss: VAELossConfig | dict[str, Any] | None = None, optim: OptimConfig | dict[str, Any] | None = None,
                  max_steps: int | None = None, ema_decay: float | None = None, ema_start_step: int = 0,
                  samples_dir: str | None = None, num_val_videos: int = 2, val_fps: float = 8.0,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, context_parallel_size: int = 1):
         super().__init__()
         from cogvx_train.vae import build_vae  # the model package; imported here so losses stay importable alone
 
@@ -104,12 +119,16 @@ class VAETrainingModule(pl.LightningModule):
         self.optim_cfg = OptimConfig.from_any(optim)
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay={ema_decay!r} must lie strictly between 0 and 1 (or be None for no EMA).")
+        if isinstance(context_parallel_size, bool) or not isinstance(context_parallel_size, int) \
+                or context_parallel_size < 1:
+            raise ValueError(f"context_parallel_size={context_parallel_size!r} must be a positive integer.")
         # plain values only: never a built module in the hyper-parameters
         self.save_hyperparameters({
             "vae_size": vae_size, "vae_overrides": dict(vae_overrides or {}), "loss": self.loss_cfg.to_dict(),
             "optim": self.optim_cfg.to_dict(), "max_steps": max_steps, "ema_decay": ema_decay,
             "ema_start_step": ema_start_step, "samples_dir": samples_dir, "num_val_videos": num_val_videos,
             "val_fps": val_fps, "gradient_checkpointing": gradient_checkpointing,
+            "context_parallel_size": context_parallel_size,
         })
         self.automatic_optimization = False
         self.vae = build_vae(vae_size, **(vae_overrides or {}))
@@ -120,6 +139,50 @@ class VAETrainingModule(pl.LightningModule):
         self.ema = EMA(self.vae, ema_decay, ema_start_step) if ema_decay is not None else None
         self.generator_step = 0
         self._warned_step_mismatch = False
+        self.context_parallel_size = context_parallel_size
+        self._cp_group = None  # made on first use, when the process group exists
+        self._default_samples_dir: Path | None = None  # samples_dir: under the trainer's log_dir
+
+    # ---- context parallelism -------------------------------------------------------------------------------------
+
+    def clip_share(self, clip_frames: int) -> ClipShare:
+        """The frames of each ``clip_frames``-frame clip this rank works on: all of them, or its context-parallel
+        slice (split on the GroupNorm windows of the VAE's config)."""
+        c = self.context_parallel_size
+        if c == 1:
+            return ClipShare.whole(clip_frames)
+        if self._cp_group is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise ValueError(f"context_parallel_size={c} splits every clip over {c} processes, but this is a "
+                                 f"single-process run; launch a multiple of {c} ranks (e.g. trainer.devices={c}) or "
+                                 "set context_parallel_size=1.")
+            self._cp_group = new_context_parallel_group(c)  # collective: every rank gets here at the same step
+        cfg = self.vae.config
+        return ClipShare.for_rank(clip_frames, self._cp_group, cfg.temporal_compression_ratio,
+                                  cfg.encoder_norm_window, cfg.decoder_norm_window)
+
+    def _context_parallel(self, share: ClipShare):
+        return nullcontext() if share.group is None else temporal_context_parallel(self.vae, share.group)
+
+    def _sample_reconstruction(self, x_local: torch.Tensor, share: ClipShare):
+        """(x_hat, q(z|x)) for this rank's frames, z = mean + std * eps. eps is drawn for the whole clip's latent and
+        the group's first rank's draw is used by all (one process draws the same), then each rank takes its part."""
+        posterior = self.vae.encode(x_local)
+        latent = share.latent(self.vae.config.temporal_compression_ratio)
+        mean = posterior.mean
+        eps = torch.randn(*mean.shape[:2], latent.clip_frames, *mean.shape[3:], device=mean.device, dtype=mean.dtype)
+        z = mean + posterior.std * latent.local(latent.broadcast_(eps))
+        return self.vae.decode(z), posterior
+
+    @staticmethod
+    def _whole_clip_values(g: dict[str, torch.Tensor], share: ClipShare) -> dict[str, torch.Tensor]:
+        """Detached loss values of whole clips: the group's shares summed (one all-reduce), the rest as they are."""
+        out = {k: v.detach() for k, v in g.items()}
+        shared = [k for k in SHARED_TERMS if k in out]
+        if share.group is not None:
+            summed = share.sum(torch.stack([out[k] for k in shared]))
+            out.update(zip(shared, summed.unbind()))
+        return out
 
     # ---- optimisation --------------------------------------------------------------------------------------------
 
@@ -153,26 +216,35 @@ class VAETrainingModule(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
-        x = batch["video"]
+        x = batch["video"]  # whole clips (every rank of a context-parallel group has the same ones)
         num_real = batch.get("num_real_frames")
         step = self.generator_step
         self._check_step_counter(step)
         opt_g, opt_d = self.optimizers()
         sched_g, sched_d = self.lr_schedulers()
         gan_on = self.loss.gan_active(step)
+        share = self.clip_share(x.shape[2])
 
         # generator update (D is only a critic here: its weights get no gradient)
         self.discriminator.requires_grad_(False)
-        x_hat, posterior = self.vae(x, sample_posterior=True)
-        g = self.loss.generator_loss(
-            x, x_hat, posterior, step,
-            discriminator=self.discriminator if gan_on else None,
-            last_layer=self.vae.last_decoder_layer_weight() if gan_on else None,
-            num_real_frames=num_real,
-        )
+        x_local = share.local(x)
         opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(g["total"])
-        logs = {f"train/{k}": v.detach() for k, v in g.items() if k != "logits_fake"}
+        with self._context_parallel(share):
+            x_hat, posterior = self._sample_reconstruction(x_local, share)
+            g = self.loss.generator_loss(
+                x_local, x_hat, posterior, step,
+                discriminator=self.discriminator if gan_on else None,
+                last_layer=self.vae.last_decoder_layer_weight() if gan_on else None,
+                num_real_frames=num_real, share=share,
+            )
+            # g["total"] is this rank's share of the whole-clip loss, so its gradient is this rank's share of the
+            # whole-clip gradient. DDP averages over all c * dp ranks, i.e. sums a group's shares and divides by c
+            # too many; backpropagating c x the share makes the average (1/dp) sum over clips of whole-clip
+            # gradients: plain data parallelism over whole clips, with DDP's one all-reduce (an extra all-reduce in
+            # the group before DDP's would give the same update at twice the traffic).
+            self.manual_backward(g["total"] * share.size)
+        values = self._whole_clip_values(g, share)
+        logs = {f"train/{k}": v for k, v in values.items() if k != "logits_fake"}
         logs["train/grad_norm_g"] = grad_norm(self.vae.parameters())
         self._clip(opt_g)
         logs["train/lr_g"] = torch.tensor(opt_g.param_groups[0]["lr"])  # the lr this step used
@@ -182,9 +254,10 @@ class VAETrainingModule(pl.LightningModule):
         if self.ema is not None:
             self.ema.update(self.vae, step)
 
-        # discriminator update, only once the GAN is on
+        # discriminator update, only once the GAN is on. D judges whole clips: every rank of a group computes the
+        # same D loss and gradient, so DDP's average over all ranks is the data-parallel one without scaling.
         if gan_on:
-            d = self.loss.discriminator_loss(x, x_hat.detach(), self.discriminator)
+            d = self.loss.discriminator_loss(x, share.gather(x_hat.detach()), self.discriminator)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d["d_loss"])
             logs["train/d_loss"] = d["d_loss"].detach()
@@ -199,9 +272,8 @@ class VAETrainingModule(pl.LightningModule):
         self.generator_step += 1
         self.log_dict({k: v.float() for k, v in logs.items()}, on_step=True, on_epoch=False,
                       batch_size=x.shape[0])
-        self.log("train/loss", g["total"].detach(), on_step=True, on_epoch=False, prog_bar=True,
-                 batch_size=x.shape[0])
-        return {k: v.detach() for k, v in g.items()}
+        self.log("train/loss", values["total"], on_step=True, on_epoch=False, prog_bar=True, batch_size=x.shape[0])
+        return values
 
     def _check_step_counter(self, step: int) -> None:
         if self._trainer is None or self._warned_step_mismatch:
@@ -224,10 +296,12 @@ class VAETrainingModule(pl.LightningModule):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction (posterior mode) with the eval weights."""
-        with self.eval_weights():
-            x_hat, _ = self.vae(x, sample_posterior=False)
-        return x_hat
+        """Deterministic reconstruction (posterior mode) of whole clips with the eval weights. Under context
+        parallelism every rank of a group passes the same clips, runs its slice, and gets the whole x_hat back."""
+        share = self.clip_share(x.shape[2])
+        with self.eval_weights(), self._context_parallel(share):
+            x_hat, _ = self.vae(share.local(x), sample_posterior=False)
+        return share.gather(x_hat)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["video"]
@@ -242,10 +316,17 @@ class VAETrainingModule(pl.LightningModule):
         if batch_idx == 0 and self.trainer.is_global_zero and self.hparams.num_val_videos > 0:
             self._write_reconstructions(x, x_hat)
 
+    def setup(self, stage: str) -> None:
+        # trainer.log_dir is a collective under DDP (rank 0 broadcasts it): resolve it now, on every rank, not later
+        # on the one rank that writes videos while the others wait in the next collective
+        self.samples_dir()
+
     def samples_dir(self) -> Path:
         if self.hparams.samples_dir:
             return Path(self.hparams.samples_dir)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+        if self._default_samples_dir is None:
+            self._default_samples_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "samples"
+        return self._default_samples_dir
 
     def _write_reconstructions(self, x: torch.Tensor, x_hat: torch.Tensor) -> Path:
         """``original | reconstruction`` for the first clips of the first val batch, stacked vertically."""
