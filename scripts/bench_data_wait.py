@@ -32,7 +32,8 @@ import torch
 @dataclass
 class Result:
     between_steps: float   # ThroughputMonitor's perf/data_wait_share: time between steps / step time
-    within_epochs: float   # the same without the first batch of each epoch (no prefetch across epochs)
+    within_epochs: float   # the same without the first batch of each epoch (epoch starts: the loader's workers
+                           # prefetch across epoch boundaries, so these should wait no longer than the others)
     loader_blocked: float  # time the loop sat in the train DataLoader's __next__ / step time
     median_step_s: float
 
@@ -90,7 +91,7 @@ def run_once(kind: str, workers: int, steps: int, out: Path, vae_dir: Path) -> R
         trainer.fit(module, datamodule=datamodule)
     finally:
         dataloader._BaseDataLoaderIter.__next__ = real_next
-    inside = [(w, t) for i, w, t in per_step if i > 0]  # a new epoch's first batch cannot be prefetched
+    inside = [(w, t) for i, w, t in per_step if i > 0]  # every batch but each epoch's first
     total = monitor.totals["step"]
     return Result(monitor.data_wait_share(), sum(w for w, _ in inside) / sum(t for _, t in inside),
                   blocked[0] / total, statistics.median(t for _, _, t in per_step))

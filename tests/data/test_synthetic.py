@@ -12,6 +12,7 @@ import pytest
 from cogvx_train.data.manifest import read_manifest
 from cogvx_train.data.synthetic import (
     COLORS,
+    DEFAULT_DATASET_NAME,
     decode_frame_index,
     ensure_default_dataset,
     generate_synthetic_dataset,
@@ -109,8 +110,9 @@ def test_default_dataset_is_generated_once_even_with_concurrent_callers(tmp_path
     for t in threads:
         t.join()
     assert len(calls) == 1
-    assert results == [tmp_path / "synthetic-v1" / "manifest.jsonl"] * 3
+    assert results == [tmp_path / DEFAULT_DATASET_NAME / "manifest.jsonl"] * 3
     assert len(read_manifest(results[0]).indices("ok")) == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic-v1", "synthetic-v1.lock"]  # no temp folder left
+    # no temporary folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DEFAULT_DATASET_NAME, f"{DEFAULT_DATASET_NAME}.lock"]
     monkeypatch.setenv("COGVX_CACHE", str(tmp_path))
     assert ensure_default_dataset() == results[0] and len(calls) == 1
