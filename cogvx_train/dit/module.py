@@ -65,6 +65,7 @@ from cogvx_train.dit.frozen_encoders import (
 )
 from cogvx_train.train.ema import EMA
 from cogvx_train.train.lr_schedule import build_lr_lambda
+from cogvx_train.train.optimizer import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -82,18 +83,6 @@ class DiffusionConfig:
     loss_buckets: int = 10  # train/loss_t000-099 ... over the last log_every_n_steps steps
     beta_start: float = 8.5e-4
     beta_end: float = 1.2e-2
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 1e-4
-    warmup_steps: int = 1000
-    schedule: str = "cosine"  # cosine | constant | linear
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # max global grad L2 norm; 0 = off
 
 
 @dataclass

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from cogvx_train.train.ema import EMA
 from cogvx_train.train.lr_schedule import build_lr_lambda
+from cogvx_train.train.optimizer import OptimConfig
 from cogvx_train.train.video_writer import side_by_side, write_video
 from cogvx_train.vae.context_parallel import ClipShare, new_context_parallel_group, temporal_context_parallel
 from cogvx_train.vae.discriminator import build_discriminator
@@ -48,37 +48,6 @@ from cogvx_train.vae.losses import SHARED_TERMS, VAELoss, VAELossConfig
 from cogvx_train.vae.metrics import reconstruction_metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OptimConfig:
-    """The ``optim`` config group (shared with the DiT stages); the discriminator's lr/betas live in ``vae_loss``."""
-
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    weight_decay: float = 1e-4
-    warmup_steps: int = 1000
-    schedule: str = "cosine"     # cosine | constant | linear
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0       # max global grad norm, per optimizer; 0 = off
-
-    @classmethod
-    def from_any(cls, value: "OptimConfig | dict[str, Any] | None") -> "OptimConfig":
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown optim setting(s) {unknown}; known: {', '.join(sorted(known))}.")
-        cfg = cls(**value)
-        cfg.betas = tuple(cfg.betas)
-        return cfg
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"betas": list(self.betas)}
 
 
 def grad_norm(params) -> torch.Tensor:
