@@ -46,18 +46,19 @@ def test_dit_curriculum_chains_stages_and_resumes_after_a_kill(tmp_path, cli_env
     assert json.loads((b2 / "DONE.json").read_text())["global_step"] == 4
     assert sorted(metrics_by_step(b2)) == [0, 1, 2, 3]
 
-    # stage 2 started from stage 1's final EMA weights: its EMA after one update is 0.99 * start + 0.01 * W1
+    # stage 2 started from stage 1's final EMA weights: its EMA after one update is d * start + (1 - d) * W1, with
+    # d = min(decay, 1 / 10) on a fresh EMA's first update (the warm-up, see train/ema.py)
     first = torch.load(b1_last, map_location="cpu", weights_only=False)
     assert first["global_step"] == 4
     start = first["dit_ema"]["shadow"]
     step1 = torch.load(b2 / "checkpoints" / "step-00000001.ckpt", map_location="cpu", weights_only=False)
-    decay = step1["dit_ema"]["decay"]
+    decay = min(step1["dit_ema"]["decay"], 1 / 10) if step1["dit_ema"].get("warmup") else step1["dit_ema"]["decay"]
     live_b1 = {k[len("dit."):]: v for k, v in first["state_dict"].items() if k.startswith("dit.")}
     far_from_live = 0
     for name, ema in step1["dit_ema"]["shadow"].items():
         w1 = step1["state_dict"][f"dit.{name}"]
         recovered = (ema - (1 - decay) * w1) / decay
-        torch.testing.assert_close(recovered, start[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(recovered, start[name], rtol=0, atol=1e-4)  # /d amplifies float32 rounding
         far_from_live += not torch.allclose(recovered, live_b1[name], rtol=0, atol=1e-5)
     assert far_from_live > 0, "stage 1's EMA and live weights do not differ: the check above would not tell them apart"
     assert str(b1_last) in (b2 / "config.yaml").read_text()  # init_from, recorded in the stage's config

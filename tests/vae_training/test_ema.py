@@ -22,13 +22,31 @@ def perturb(model: nn.Module, amount: float) -> None:
 
 def test_update_rule():
     model = make_model()
-    ema = EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.9, warmup=False)
     before = {k: v.clone() for k, v in ema.shadow.items()}
     perturb(model, 1.0)
     ema.update(model, step=0)
     for name, p in model.named_parameters():
         assert torch.allclose(ema.shadow[name], 0.9 * before[name] + 0.1 * p.detach())
     assert ema.num_updates == 1
+
+
+def test_decay_warms_up_then_holds():
+    model = make_model()
+    ema = EMA(model, decay=0.5)
+    for n in range(4):
+        before = {k: v.clone() for k, v in ema.shadow.items()}
+        perturb(model, 1.0)
+        ema.update(model, step=n)
+        d = min(0.5, (1 + n) / (10 + n))  # 0.1, 0.18, 0.25, 0.31: the start is forgotten fast
+        for name, p in model.named_parameters():
+            assert torch.allclose(ema.shadow[name], d * before[name] + (1 - d) * p.detach())
+    ema.num_updates = 20  # (1 + 20) / (10 + 20) = 0.7 > 0.5: from here on the configured decay holds
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    perturb(model, 1.0)
+    ema.update(model, step=20)
+    for name, p in model.named_parameters():
+        assert torch.allclose(ema.shadow[name], 0.5 * before[name] + 0.5 * p.detach())
 
 
 def test_shadow_follows_weights_before_start_step():
@@ -70,7 +88,7 @@ def test_state_dict_round_trip_and_mismatch():
     state = ema.state_dict()
     other = EMA(make_model(seed=1), decay=0.5)
     other.load_state_dict(state)
-    assert other.decay == 0.9 and other.start_step == 1 and other.num_updates == 1
+    assert other.decay == 0.9 and other.start_step == 1 and other.num_updates == 1 and other.warmup
     for name in ema.shadow:
         assert torch.equal(other.shadow[name], ema.shadow[name])
 
