@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cogvx_train.config.plain import plain_config
+
 log = logging.getLogger(__name__)
 
 
@@ -65,25 +67,6 @@ class TextEncoderSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def plain_config(cls, value, what: str):
-    """A config dataclass from None (defaults), an instance, or a dict of plain values (unknown keys: one sentence
-    naming them and the known ones)."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a mapping of plain values, got {type(value).__name__}.")
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} setting(s) {unknown}; known: {', '.join(sorted(known))}.")
-    kwargs = dict(value)
-    if "overrides" in kwargs:
-        kwargs["overrides"] = dict(kwargs["overrides"] or {})
-    return cls(**kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ loading

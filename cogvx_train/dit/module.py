@@ -52,13 +52,13 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
+from cogvx_train.config.plain import plain_config
 from cogvx_train.diffusion import NoiseSchedule, build_timestep_sampler
 from cogvx_train.dit import build_dit, flops_per_step
 from cogvx_train.dit.frozen_encoders import (
     FrozenEncoders,
     TextEncoderSpec,
     VAESpec,
-    plain_config,
     keyed_generator,
     randn_like_on_cpu,
     sample_latents,

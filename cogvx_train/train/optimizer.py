@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
+
+from cogvx_train.config.plain import plain_config
 
 
 @dataclass
@@ -22,16 +24,8 @@ class OptimConfig:
 
     @classmethod
     def from_any(cls, value: "OptimConfig | dict[str, Any] | None") -> "OptimConfig":
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown optim setting(s) {unknown}; known: {', '.join(sorted(known))}.")
-        cfg = cls(**value)
-        cfg.betas = tuple(cfg.betas)
+        cfg = plain_config(cls, value, "optim")
+        cfg.betas = tuple(float(b) for b in cfg.betas)
         return cfg
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,13 +25,14 @@ first rank's draw (global frame indices), and lambda uses the last layer's whole
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cogvx_train.config.plain import plain_config
 from cogvx_train.vae.context_parallel import ClipShare
 from cogvx_train.vae.lpips_loss import PerceptualLoss
 from cogvx_train.vae.metrics import real_frame_mask
@@ -64,15 +65,7 @@ class VAELossConfig:
 
     @classmethod
     def from_any(cls, value: "VAELossConfig | dict[str, Any] | None") -> "VAELossConfig":
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"unknown vae_loss setting(s) {unknown}; known: {', '.join(sorted(known))}.")
-        cfg = cls(**value)
+        cfg = plain_config(cls, value, "vae_loss")
         if cfg.disc_betas is not None:
             cfg.disc_betas = tuple(cfg.disc_betas)
         return cfg
