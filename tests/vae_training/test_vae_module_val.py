@@ -7,7 +7,7 @@ import av
 import lightning.pytorch as pl
 import pytest
 import torch
-from vae_training_helpers import loader, make_module, make_trainer
+from vae_training_helpers import loader, make_module, make_trainer, read_metrics
 
 from cogvx_train.vae import load_diffusers_vae
 
@@ -118,3 +118,21 @@ def test_reconstruction_video_goes_to_wandb_when_that_logger_is_on(trained, tmp_
     trainer.validate(module, loader(num_clips=1), verbose=False)
     logger.experiment.finish()
     assert list(tmp_path.glob("wandb/*/files/media/videos/val/reconstruction_*.mp4"))
+
+
+def test_fresh_run_validates_at_step_zero_with_untrained_weights(tmp_path):
+    from cogvx_train.train.validate_at_start import ValidateAtStart
+
+    module = make_module(disc_start=10, max_steps=2, samples_dir=str(tmp_path / "samples"), num_val_videos=1)
+    untrained = {k: v.clone() for k, v in module.vae.state_dict().items()}
+    seen = []
+    module.validation_step = lambda batch, i, _orig=module.validation_step: (  # noqa: E731
+        seen.append((module.global_step, all(torch.equal(v, untrained[k]) for k, v in module.vae.state_dict().items()))),
+        _orig(batch, i))[1]
+    trainer = make_trainer(tmp_path, 2, callbacks=[ValidateAtStart()], limit_val_batches=1.0, val_check_interval=2)
+    trainer.fit(module, loader(num_clips=2), loader(num_clips=2))
+    assert [s for s in seen if s[0] == 0] == [(0, True)] * 2  # the baseline pass: before any step, initial weights
+    assert [step for step, _ in seen] == [0, 0, 2, 2]  # 2 val batches at step 0 and after the last step
+    psnr_rows = [r for r in read_metrics(tmp_path) if "val/psnr" in r]
+    assert [int(r["step"]) for r in psnr_rows] == [0, 1]  # logged at step 0, and after the last step
+    assert (tmp_path / "samples" / "recon_step0000000.mp4").is_file()
