@@ -54,7 +54,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from cogvx_train.config.plain import plain_config
 from cogvx_train.diffusion import NoiseSchedule, build_timestep_sampler
-from cogvx_train.dit import build_dit, flops_per_step
+from cogvx_train.dit import ExpertTransformer, build_dit, flops_per_step
 from cogvx_train.dit.frozen_encoders import (
     FrozenEncoders,
     TextEncoderSpec,
@@ -184,6 +184,7 @@ class DiTTrainingModule(pl.LightningModule):
         self._sample_shape: tuple[int, int, int] | None = None  # pixel (T, H, W) of the data
         self._peak = peak_flops
         self._warned_no_peak = False
+        self._gathered_for_export: dict[str, Tensor] | None = None  # ZeRO-3 only, see on_train_end
 
     # ------------------------------------------------------------------------------------ frozen encoders
     def encoders(self, vae: bool, text: bool) -> FrozenEncoders:
@@ -334,6 +335,16 @@ class DiTTrainingModule(pl.LightningModule):
         if self.ema is not None and self.ema.num_updates == 0:
             self.ema = EMA(self.dit, self.ema.decay, self.ema.start_step)
         self._last_batch_end = None
+
+    def on_train_end(self) -> None:
+        # ZeRO-3 leaves each rank one slice of every weight and of the EMA, and the export after fit runs on rank 0
+        # alone: gather what it exports (the EMA, else the live weights) now, while every rank is still here
+        from cogvx_train.train.strategies import gathered_parameters, is_partitioned
+
+        if any(is_partitioned(p) for p in self.dit.parameters()):
+            weights = self.ema.full_shadow() if self.ema is not None else {}
+            weights.update(gathered_parameters(self.dit, skip=weights.keys()))
+            self._gathered_for_export = weights if self._is_rank_zero() else None
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         # The EMA is folded in right after the weights change, before any callback (checkpointing included) sees
@@ -555,11 +566,11 @@ class DiTTrainingModule(pl.LightningModule):
         from cogvx_train.vae import export_diffusers_vae
 
         out = Path(out_dir)
-        with self.eval_weights(use_ema=True):
+        with self._dit_to_export() as dit:
             try:
-                export_diffusers_transformer(self.dit, out / "transformer")
+                export_diffusers_transformer(dit, out / "transformer")
             except ValueError:  # ablation variant: no diffusers equivalent
-                save_dit(self.dit, out / "transformer")
+                save_dit(dit, out / "transformer")
         if self.vae_spec.weights is not None:
             export_diffusers_vae(self.encoders(vae=True, text=False).vae, out / "vae")
         d = self.diffusion_cfg
@@ -571,6 +582,15 @@ class DiTTrainingModule(pl.LightningModule):
         (out / "scheduler").mkdir(parents=True, exist_ok=True)
         (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         return out
+
+    def _dit_to_export(self):
+        """The (EMA) transformer as a context: this module's, or after a ZeRO-3 fit a whole fp32 copy built from the
+        weights on_train_end gathered (the module's own parameters hold only this rank's slices)."""
+        if self._gathered_for_export is None:
+            return self.eval_weights(use_ema=True)
+        dit = ExpertTransformer(self.dit.config)
+        dit.load_state_dict(self._gathered_for_export, strict=True)
+        return nullcontext(dit)
 
 
 # -------------------------------------------------------------------------------------------- init_from

@@ -17,7 +17,8 @@ How the slices fit together (what DeepSpeed's own zero_to_fp32.py relies on; thi
   of the flat piece) with it, `group_paddings` saying how much. Concatenating the pieces in rank order and cutting
   at the parameter sizes gives every parameter.
 * ZeRO-3: every parameter is split on its own into world_size equal pieces (the last one padded); rank r's flat
-  vectors hold its piece of each parameter, one after another in `param_shapes` order.
+  vectors hold its piece of each parameter, one after another in `param_shapes` order. The EMA is sharded the same
+  way (cogvx_train/train/ema.py): each rank's model-states file holds its pieces, merged here into whole tensors.
 
 The pickles also hold a few DeepSpeed objects (its loss scaler, an enum, slice addresses); they are read as inert
 stand-ins, so nothing here imports DeepSpeed. `FullTrainingState.lightning_checkpoint()` turns the result into a
@@ -264,12 +265,10 @@ def _zero3(tag_dir: Path, shards: list[dict], model_state: dict) -> tuple[dict, 
     def gather(vectors_per_rank: list[Tensor], what: str) -> dict[str, Tensor]:
         out, offset = {}, 0
         for name, shape in params:
-            n = math.prod(shape)
-            piece = math.ceil(n / world)
+            piece = partition_size(math.prod(shape), world)
             if offset + piece > vectors_per_rank[0].numel():
                 raise ValueError(f"{what}: the shards are shorter than the parameters need (at {name}).")
-            full = torch.cat([v.narrow(0, offset, piece) for v in vectors_per_rank])
-            out[name] = full[:n].view(shape).float().clone()
+            out[name] = merge_slices([v.narrow(0, offset, piece) for v in vectors_per_rank], shape)
             offset += piece
         return out
 
@@ -323,8 +322,53 @@ def read_deepspeed_checkpoint(path: str | Path) -> FullTrainingState:
         if target in weights:
             weights[alias] = weights[target]
     client = {k: v for k, v in model_state.items() if k not in ENGINE_KEYS}
+    if stage == 3:
+        _merge_sliced_emas(tag_dir, client, len(shards))
     return FullTrainingState(weights=weights, client_state=client, step=step, moments=moments, param_groups=groups,
                              world_size=len(shards), zero_stage=stage, source=str(tag_dir))
+
+
+def partition_size(numel: int, world_size: int) -> int:
+    """Values per rank of a ZeRO-3 parameter of `numel` values: ceil(numel / world_size)."""
+    return -(-numel // world_size)
+
+
+def slice_of(whole: Tensor, rank: int, world_size: int) -> Tensor:
+    """Rank `rank`'s flat ZeRO-3 piece of a whole tensor, zero-padded to the piece size (a copy)."""
+    flat = whole.reshape(-1)
+    size = partition_size(flat.numel(), world_size)
+    out = flat.new_zeros(size)
+    piece = flat[rank * size:(rank + 1) * size]
+    out[: piece.numel()] = piece
+    return out
+
+
+def merge_slices(pieces: list[Tensor], shape) -> Tensor:
+    """The whole fp32 tensor of `shape` from the ranks' ZeRO-3 pieces, in rank order (inverse of `slice_of`)."""
+    n = math.prod(shape)
+    return torch.cat([piece.reshape(-1) for piece in pieces])[:n].view(tuple(shape)).float().clone()
+
+
+def _merge_sliced_emas(tag_dir: Path, client: dict[str, Any], world: int) -> None:
+    """Replace each sharded EMA state in `client` (rank 0's) with one holding whole tensors, merged from every
+    rank's model-states file (an EMA under ZeRO-3 keeps its slices there with `partition` = rank, world size and
+    whole shapes; see cogvx_train/train/ema.py)."""
+    keys = [k for k, v in client.items() if k.endswith("_ema") and isinstance(v, dict) and "partition" in v]
+    if not keys:
+        return
+    files = [tag_dir / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(1, world)]
+    states = [client] + [load_pickle(f) if f.is_file() else {} for f in files]
+    for key in keys:
+        parts = [state.get(key) if isinstance(state.get(key), dict) else {} for state in states]
+        for rank, part in enumerate(parts):
+            where = part.get("partition") or {}
+            if (where.get("rank"), where.get("world_size")) != (rank, world):
+                raise ValueError(f"{tag_dir}: rank {rank}'s model states hold no {key} slices of {world} ranks; the "
+                                 "checkpoint is incomplete — use an earlier checkpoint.")
+        shapes = parts[0]["partition"]["shapes"]
+        shadow = {name: merge_slices([part["shadow"][name] for part in parts], shapes[name]) if name in shapes
+                  else t for name, t in parts[0]["shadow"].items()}
+        client[key] = {**{k: v for k, v in parts[0].items() if k not in ("shadow", "partition")}, "shadow": shadow}
 
 
 # ----------------------------------------------------------------------------------- plain Lightning files

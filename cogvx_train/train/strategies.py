@@ -21,6 +21,13 @@ for inf/NaN and all-reduces the verdict inside `step()`, skipping the update on 
 default only under fp16/bf16; the subclass turns it on at every precision (`enable_overflow_check`), and the guard
 reads the verdict from `engine.skipped_steps`.
 
+ZeRO-3 partitions the parameters themselves: a parameter keeps its object, but the values live flattened in
+`p.ds_tensor`, one equal slice per rank (see `partition_size`); `p.data` is only a gathered copy while a forward
+needs it (always, for the small "persistent" ones). Its optimizer has no overflow switch and needs none: `step()`
+all-reduces the global gradient norm, and a non-finite norm (NaN/inf in any rank's gradients) skips the update on
+every rank and counts it in `engine.skipped_steps`, at fp32 too (tests/scale/test_deepspeed_nonfinite.py). The
+helpers at the end of this file read and rewrite those slices for the EMA (`cogvx_train.train.ema`) and the export.
+
 Gradient clipping under DeepSpeed happens inside the engine (`gradient_clipping` in its config): the
 LightningModule's `configure_gradient_clipping` is a no-op there, so `build_strategy(gradient_clip_val=...)` puts
 `optim.grad_clip` into the engine config.
@@ -39,6 +46,8 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 from omegaconf import DictConfig
+
+from cogvx_train.train.consolidate import merge_slices, partition_size
 
 log = logging.getLogger("cogvx_train")
 
@@ -234,7 +243,7 @@ def enable_overflow_check(zero_optimizer) -> None:
     """Make the ZeRO-1/2 optimizer test its gradient partitions for inf/NaN at every precision (DeepSpeed does so
     by default only under fp16/bf16) and skip the step on all ranks when any rank finds one. ZeRO-3's optimizer has
     no such switch and needs none: it always takes the all-reduced global grad norm and skips when it is not
-    finite."""
+    finite (at fp32 on the CPU too: tests/scale/test_deepspeed_nonfinite.py)."""
     if hasattr(zero_optimizer, "check_grad_overflow"):
         zero_optimizer.check_grad_overflow = True
     else:
@@ -292,3 +301,74 @@ def load_full_state_into_engine(engine, module: torch.nn.Module, full) -> None:
         for key in ("lr", "initial_lr"):
             if key in saved:
                 group[key] = saved[key]
+
+
+# ----------------------------------------------------------------------------------- ZeRO-3 parameter slices
+# DeepSpeed's layout: a parameter of n values is flattened and split on its own into world_size slices of
+# P = ceil(n / world_size) values; rank r holds values [r*P, (r+1)*P) in `p.ds_tensor`, the tail of the last slices
+# being padding (the layout functions live in consolidate.py, which reads checkpoints with the same rule).
+def is_partitioned(p: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter: its values live in per-rank slices (`p.ds_tensor`), not in `p.data`."""
+    return hasattr(p, "ds_id")
+
+
+def partition_rank_world(p: torch.Tensor) -> tuple[int, int]:
+    """(rank, world size) of the group `p` is partitioned over."""
+    import torch.distributed as dist
+
+    group = getattr(p, "ds_process_group", None)
+    return dist.get_rank(group=group), dist.get_world_size(group=group)
+
+
+def local_values(p: torch.Tensor) -> torch.Tensor:
+    """The values of `p` this rank holds: its flat ZeRO-3 slice (padding included), or an ordinary `p` itself."""
+    return p.ds_tensor if is_partitioned(p) else p
+
+
+def owned_numel(p: torch.Tensor) -> int:
+    """How many of `local_values(p)` are the parameter's (the rest of a last slice is padding)."""
+    if not is_partitioned(p):
+        return p.numel()
+    rank, world = partition_rank_world(p)
+    size = partition_size(p.ds_numel, world)
+    return max(0, min(size, p.ds_numel - rank * size))
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    return p.ds_shape if is_partitioned(p) else p.shape
+
+
+def gather_slices(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of shape `full_shape(p)` whose slices the ranks of `p`'s group hold in `local`. Collective:
+    every rank of the group calls it for the same parameters in the same order."""
+    import torch.distributed as dist
+
+    group = getattr(p, "ds_process_group", None)
+    pieces = [torch.empty_like(local) for _ in range(dist.get_world_size(group=group))]
+    dist.all_gather(pieces, local.contiguous(), group=group)
+    return merge_slices(pieces, p.ds_shape)
+
+
+def gathered_parameters(model: torch.nn.Module, skip=()) -> dict[str, torch.Tensor]:
+    """Every parameter of `model` but those named in `skip`, whole (ZeRO-3 slices gathered one parameter at a time,
+    a collective; ordinary parameters as they are)."""
+    return {name: gather_slices(local_values(p), p) if is_partitioned(p) else p.detach()
+            for name, p in model.named_parameters() if name not in skip}
+
+
+def release_gathered(params: list[torch.Tensor]) -> None:
+    """Drop every gathered copy (`p.data`) of the engine's ZeRO-3 parameters, as the engine does before its
+    optimizer step, so that the next forward gathers them afresh from the slices. Local (no communication)."""
+    owner = next((p._z3_optimizer for p in params if hasattr(p, "_z3_optimizer")), None)
+    if owner is None:
+        raise RuntimeError("ZeRO-3 parameters without their optimizer (no _z3_optimizer): only a training engine's "
+                           "partitioned parameters can be rewritten here.")
+    owner.parameter_offload.partition_all_parameters()
+
+
+def gather_persistent(params: list[torch.Tensor]) -> None:
+    """Gather the small parameters ZeRO-3 keeps whole on every rank ("persistent"), as the engine does after its
+    optimizer step. Collective."""
+    persistent = [p for p in params if is_partitioned(p) and p.ds_persist]
+    if persistent:
+        persistent[0].all_gather(param_list=persistent)

@@ -1,7 +1,8 @@
 """Launching real multi-process runs from tests: the `cogvx-train` CLI under torchrun (CPU, gloo), a bare
 DeepSpeed engine worker for the consolidation tests (run as `python scale_helpers.py zero-worker ...` under
-torchrun), and a ZeRO-2 training worker that puts NaN into one rank's batches (`nonfinite-worker`). Everything is
-tiny: the tiny DiT/VAE/T5, 64x64 frames, 9 frames, a few steps, one thread per rank."""
+torchrun), a bare ZeRO-3 engine with a sharded EMA (`ema-worker`), and a ZeRO-2/3 training worker that puts NaN into
+one rank's batches (`nonfinite-worker`). Everything is tiny: the tiny DiT/VAE/T5, 64x64 frames, 9 frames, a few
+steps, one thread per rank."""
 
 from __future__ import annotations
 
@@ -128,7 +129,7 @@ def _tiny_model():
     return torch.nn.Sequential(torch.nn.Linear(5, 9), torch.nn.LayerNorm(9), torch.nn.GELU(), torch.nn.Linear(9, 4))
 
 
-def _engine(stage: int):
+def _engine(stage: int, zero: dict | None = None):
     import deepspeed
     import torch
     from deepspeed.accelerator import get_accelerator, set_accelerator
@@ -143,7 +144,7 @@ def _engine(stage: int):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                                   lr=1e-2, betas=(0.9, 0.95))
     config = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "gradient_clipping": 0.5,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+              "zero_optimization": {"stage": stage, **(zero or {})}, "zero_allow_untested_optimizer": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            model_parameters=model.parameters(), dist_init_required=False)
     return engine
@@ -206,16 +207,104 @@ def zero_worker(mode: str, folder: str, stage: int = 2) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# ZeRO-2 training (the factory's real datamodule, module, callbacks and strategy) with NaN batches on ONE rank:
-#   scale_helpers.py nonfinite-worker <out dir> <vae dir>     under torchrun with 2 processes
-# Each rank saves what it held after every step to <out dir>/rank<r>.pt.
+# The EMA sharded under ZeRO-3, on a bare engine of 2 ranks:  scale_helpers.py ema-worker <dir>
+# Parameters of up to 10 values stay gathered ("persistent"), the two weight matrices do not: both kinds are used.
+# Next to it, a whole EMA over the gathered weights in a plain model is the reference. Rank 0 saves what it saw.
+# ------------------------------------------------------------------------------------------------------------
+EMA_NAN_STEP = 1  # rank 1's input is NaN at this step: the engine skips it on both ranks
+
+
+def ema_worker(folder: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(HERE.parent.parent))
+    from cogvx_train.train.consolidate import read_deepspeed_checkpoint
+    from cogvx_train.train.ema import EMA
+    from cogvx_train.train.strategies import gathered_parameters, local_values, owned_numel
+
+    torch.set_num_threads(1)
+    out = Path(folder)
+    engine = _engine(3, {"stage3_param_persistence_threshold": 10})
+    rank, model = dist.get_rank(), engine.module
+    ema = EMA(model, decay=0.9)
+    plain = _tiny_model()
+    plain.load_state_dict(gathered_parameters(model))
+    reference = EMA(plain, decay=0.9)
+    seen: dict = {"persistent": sorted(n for n, p in model.named_parameters() if p.ds_persist),
+                  "slice_numel": {n: p.ds_tensor.numel() for n, p in model.named_parameters()}}
+    x_eval = torch.randn(3, 5, generator=torch.Generator().manual_seed(7))
+    for step in range(3):
+        g = torch.Generator().manual_seed(100 * step + rank)
+        x, y = torch.randn(4, 5, generator=g), torch.randn(4, 4, generator=g)
+        if step == EMA_NAN_STEP and rank == 1:
+            x.fill_(float("nan"))
+        before, slices = engine.skipped_steps, [local_values(p).clone() for p in model.parameters()]
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        ema.skip_next_update(lambda: engine.skipped_steps > before)  # what NonFiniteGuard does under DeepSpeed
+        engine.step()
+        ema.update(model, step)
+        skipped = engine.skipped_steps > before
+        if not skipped:  # the reference only sees applied steps
+            plain.load_state_dict(gathered_parameters(model))
+            reference.update(plain, step)
+        unchanged = all(torch.equal(a[:owned_numel(p)], local_values(p)[:owned_numel(p)])
+                        for a, p in zip(slices, model.parameters()))
+        seen[f"step{step}"] = {"skipped": skipped, "ema_updates": ema.num_updates, "unchanged": unchanged}
+    seen["ema"], seen["reference"] = ema.full_shadow(), dict(reference.shadow)
+
+    live = gathered_parameters(model)
+    slices = {n: local_values(p).clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        seen["out_live"] = engine(x_eval)
+        with ema.swapped_into(model):
+            seen["out_swapped"] = engine(x_eval)
+        seen["out_after"] = engine(x_eval)
+        plain.load_state_dict(seen["reference"])
+        seen["out_plain_ema"] = plain(x_eval)
+        plain.load_state_dict(live)
+        seen["out_plain_live"] = plain(x_eval)
+    seen["slices_restored"] = all(torch.equal(slices[n][:owned_numel(p)], local_values(p)[:owned_numel(p)])
+                                  for n, p in model.named_parameters())
+    seen["persistent_restored"] = all(torch.equal(p.data, live[n]) for n, p in model.named_parameters()
+                                      if p.ds_persist)
+
+    # every rank's checkpoint file carries its own slices; consolidation merges them
+    engine.save_checkpoint(str(out / "ckpt"), tag="checkpoint", client_state={"dit_ema": ema.state_dict()})
+    state = ema.state_dict()
+    fresh = EMA(model, decay=0.5)
+    fresh.load_state_dict(state)
+    seen["reloaded"] = fresh.full_shadow()
+    others = [None] * dist.get_world_size()
+    dist.all_gather_object(others, state)
+    errors = {}
+    whole = EMA(_tiny_model(), 0.5)
+    for what, target, loaded in (("other_rank", fresh, others[1 - rank]), ("whole_model", whole, state)):
+        try:
+            target.load_state_dict(loaded)
+        except ValueError as err:
+            errors[what] = str(err)
+    seen["errors"] = errors
+    dist.barrier()
+    if rank == 0:
+        merged = read_deepspeed_checkpoint(out / "ckpt").client_state["dit_ema"]
+        seen["merged"] = merged
+        torch.save(seen, out / "ema_view.pt")
+    dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ZeRO-2/3 training (the factory's real datamodule, module, callbacks and strategy) with NaN batches on ONE rank:
+#   scale_helpers.py nonfinite-worker <out dir> <vae dir> <stage>     under torchrun with 2 processes
+# Each rank saves what it held after every step to <out dir>/rank<r>.pt: the whole weights and EMA (ZeRO-3 slices
+# gathered, every rank together).
 # ------------------------------------------------------------------------------------------------------------
 NAN_RANK = 1
 NAN_STEPS = (1, 4, 5)  # 1: one skip; 4, 5: two in a row -> roll back to the step-3 checkpoint after step 5
 NONFINITE_STEPS = 7
 
 
-def nonfinite_worker(folder: str, vae_dir: str) -> None:
+def nonfinite_worker(folder: str, vae_dir: str, stage: int = 2) -> None:
     import torch
     from hydra import compose, initialize_config_module
     from lightning.pytorch import Callback
@@ -224,6 +313,7 @@ def nonfinite_worker(folder: str, vae_dir: str) -> None:
     from cogvx_train.train import factory
     from cogvx_train.train.callbacks import NonFiniteGuard
     from cogvx_train.train.run_dir import RunDirectory
+    from cogvx_train.train.strategies import gathered_parameters
 
     class NaNOnOneRank(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -237,16 +327,17 @@ def nonfinite_worker(folder: str, vae_dir: str) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             guard = next(cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
             self.rows.append({
-                "weights": torch.cat([p.detach().flatten() for p in pl_module.dit.parameters()]).clone(),
-                "ema": torch.cat([t.flatten() for t in pl_module.ema.shadow.values()]).clone(),
+                "weights": torch.cat([t.flatten() for t in gathered_parameters(pl_module.dit).values()]).clone(),
+                "ema": torch.cat([t.flatten() for t in pl_module.ema.full_shadow().values()]).clone(),
                 "ema_updates": pl_module.ema.num_updates, "skipped": guard.total_skipped,
                 "rollbacks": guard.rollbacks, "engine": type(trainer.model).__name__,
-                "overflow_check": trainer.model.optimizer.check_grad_overflow})
+                "optimizer": type(trainer.model.optimizer).__name__,
+                "overflow_check": getattr(trainer.model.optimizer, "check_grad_overflow", None)})
 
     torch.set_num_threads(1)
     out = Path(folder)
     resolvers.register()
-    overrides = [*TINY_DIT, f"model.vae.weights={vae_dir}", "trainer=deepspeed_zero2", "trainer.devices=2",
+    overrides = [*TINY_DIT, f"model.vae.weights={vae_dir}", f"trainer=deepspeed_zero{stage}", "trainer.devices=2",
                  f"trainer.max_steps={NONFINITE_STEPS}", "checkpoint.every_n_steps=3",
                  "callbacks.nonfinite_guard.max_consecutive=2", f"paths.output_dir={out}"]
     with initialize_config_module(config_module="cogvx_train.conf", version_base="1.3"):
@@ -266,6 +357,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "zero-worker":
         zero_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 2)
     elif sys.argv[1] == "nonfinite-worker":
-        nonfinite_worker(sys.argv[2], sys.argv[3])
+        nonfinite_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 2)
+    elif sys.argv[1] == "ema-worker":
+        ema_worker(sys.argv[2])
     else:
-        raise SystemExit(f"unknown mode {sys.argv[1]!r}; use zero-worker or nonfinite-worker")
+        raise SystemExit(f"unknown mode {sys.argv[1]!r}; use zero-worker, ema-worker or nonfinite-worker")
