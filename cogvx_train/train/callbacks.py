@@ -196,8 +196,9 @@ class NonFiniteGuard(Callback):
     that gave the non-finite values are not replayed.
 
     DeepSpeed ZeRO keeps the reduced gradients in its own flat partitions, one slice per rank, where no callback
-    can drop them. There the engine decides: `CogvxDeepSpeedStrategy` turns on its overflow check, which tests
-    every rank's slice and all-reduces the verdict inside `engine.step()`, and skips the update on all ranks
+    can drop them. There the engine decides: under ZeRO-1/2 `CogvxDeepSpeedStrategy` turns on its overflow
+    check, which tests every rank's slice and all-reduces the verdict inside `engine.step()`; ZeRO-3's optimizer
+    skips on a non-finite all-reduced grad norm by itself. Either way the update is skipped on all ranks
     together. The guard reads that verdict (`engine.skipped_steps` went up), counts it and, through the same
     deferred `skip_next_update`, keeps the EMA out of it.
 

@@ -47,6 +47,11 @@ class VAEConfig:
     scaling_factor: float = 1.15258426  # latents * scaling_factor feed the diffusion model (5B: 0.7)
     logvar_min: float = -30.0
     logvar_max: float = 20.0
+    # Initial log-variance of the posterior (training from scratch only; loaded weights replace it). -6 = std 0.05:
+    # at PyTorch's default init the posterior mean has std ~0.3, so a logvar of ~0 (std 1) would bury the latent
+    # in noise and the decoder learns little for hundreds of steps (tests/vae_training/test_vae_generalises.py).
+    # Trained VAEs end with small posterior variances anyway (KL weight 1e-6): this starts near where they go.
+    logvar_init: float = -6.0
     factorized: bool = False  # 2D spatial + causal 1D temporal convs (ablation; no diffusers weights)
     encoder_norm_window: int | None = 8  # GroupNorm statistics window in input frames after frame 0; None = clip
     decoder_norm_window: int | None = 2  # same in latent frames
@@ -84,6 +89,9 @@ class VAEConfig:
             )
         if not self.logvar_min < self.logvar_max:
             raise ValueError(f"logvar_min {self.logvar_min} must be below logvar_max {self.logvar_max}.")
+        if not self.logvar_min <= self.logvar_init <= self.logvar_max:
+            raise ValueError(f"logvar_init {self.logvar_init} must lie in [logvar_min, logvar_max] = "
+                             f"[{self.logvar_min}, {self.logvar_max}].")
         s = self.spatial_compression
         for size, overlap in zip(self.tile_sample_size, self.tile_overlap):
             if size % s or overlap % s or not 0 <= overlap < size:
@@ -239,7 +247,8 @@ class CausalVAE(nn.Module):
     # ----------------------------------------------------------------------------------------------- weights
     def init_weights(self) -> None:
         """PyTorch default init for convs (as diffusers), GroupNorm to identity; factorized temporal convs start
-        as the identity (a delta on the current frame), so each factorized conv starts as its per-frame 2D conv."""
+        as the identity (a delta on the current frame), so each factorized conv starts as its per-frame 2D conv;
+        the posterior's log-variance starts at the constant ``logvar_init`` (see VAEConfig)."""
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.GroupNorm)):
                 module.reset_parameters()
@@ -250,6 +259,12 @@ class CausalVAE(nn.Module):
                 channels = module.temporal_conv.weight.shape[0]
                 with torch.no_grad():
                     module.temporal_conv.weight[range(channels), range(channels), -1] = 1.0
+        logvar_conv = self.encoder.conv_out.temporal_conv if self.encoder.conv_out.factorized \
+            else self.encoder.conv_out.conv
+        latent = self.config.latent_channels  # output channels: [mean; logvar]
+        with torch.no_grad():
+            logvar_conv.weight[latent:].zero_()
+            logvar_conv.bias[latent:].fill_(self.config.logvar_init)
 
     @property
     def scaling_factor(self) -> float:
