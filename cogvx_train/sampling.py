@@ -170,7 +170,8 @@ def load_for_sampling(path: str | Path, use_ema: bool = True,
                       device: str | torch.device = "cpu") -> tuple["DiTTrainingModule", str]:
     """A DiTTrainingModule rebuilt from a dit checkpoint's hyper-parameters with its (EMA) weights, in eval mode on
     `device`; the frozen VAE and T5 are rebuilt from their specs on first use."""
-    from cogvx_train.dit.module import DiTTrainingModule, resolve_dit_checkpoint, weights_from_checkpoint
+    from cogvx_train.dit.init_from import resolve_dit_checkpoint, weights_from_checkpoint
+    from cogvx_train.dit.module import DiTTrainingModule
 
     kind, where = resolve_dit_checkpoint(path)
     if kind != "ckpt":

@@ -26,10 +26,14 @@ not in state_dict or checkpoints, never wrapped by DDP/FSDP/DeepSpeed, never cas
 mode. They are rebuilt from their specs (plain values in the hyper-parameters) on start, resume and sampling.
 
 Logged: train/loss, train/lr, train/caption_dropped, train/grad_norm (before clipping), train/loss_tAAA-BBB and
-train/t_count_tAAA-BBB per timestep bucket over the last log_every_n_steps steps of all ranks (NaN = no sample),
-a wandb.Histogram of those timesteps under a WandbLogger, train/tokens_per_s and train/mfu (analytic FLOPs of
-dit.flops_per_step over the wall time between batch ends; peak from `peak_flops` or the device name, none on a
-CPU); validation: val/loss_t100 ... val/loss_t900 (paper Table 9, live weights, fixed noise) and mp4 samples.
+train/t_count_tAAA-BBB per timestep bucket over the last log_every_n_steps steps of all ranks (NaN = no sample;
+timestep_buckets.py), a wandb.Histogram of those timesteps under a WandbLogger, train/tokens_per_s and train/mfu
+(analytic FLOPs of dit.flops_per_step over the wall time between batch ends; peak from `peak_flops` or the device
+name, none on a CPU; throughput.py); validation (validation.py): val/loss_t100 ... val/loss_t900 (paper Table 9,
+live weights, fixed noise) and mp4 samples.
+
+In files of their own: the config groups (training_config.py; `optim` is train/optimizer.py), `init_from`
+(init_from.py: start from another run's weights) and the export after training (pipeline_export.py).
 
 Trainer: use_distributed_sampler=False (the datamodules shard by rank themselves). Clipping needs no Trainer
 argument, except under DeepSpeed, whose engine clips only with gradient_clip_val=optim.grad_clip.
@@ -37,13 +41,11 @@ argument, except under DeepSpeed, whose engine clips only with gradient_clip_val
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import math
-import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +54,8 @@ import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 
-from cogvx_train.config.plain import plain_config
 from cogvx_train.diffusion import NoiseSchedule, build_timestep_sampler
-from cogvx_train.dit import ExpertTransformer, build_dit, flops_per_step
+from cogvx_train.dit import ExpertTransformer, build_dit, validation
 from cogvx_train.dit.frozen_encoders import (
     FrozenEncoders,
     TextEncoderSpec,
@@ -63,57 +64,18 @@ from cogvx_train.dit.frozen_encoders import (
     randn_like_on_cpu,
     sample_latents,
 )
+from cogvx_train.dit.init_from import load_init_weights
+from cogvx_train.dit.pipeline_export import export_pipeline
+from cogvx_train.dit.throughput import StepThroughput
+from cogvx_train.dit.timestep_buckets import TimestepBuckets
+from cogvx_train.dit.training_config import DiffusionConfig, EMAConfig, SamplingConfig
 from cogvx_train.train.ema import EMA
 from cogvx_train.train.lr_schedule import build_lr_lambda
 from cogvx_train.train.optimizer import OptimConfig
 
 log = logging.getLogger(__name__)
 
-VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # paper Table 9 reports the validation loss at these timesteps
 CHECKPOINT_KEY = "cogvx_dit"
-
-
-# ------------------------------------------------------------------------------------------ config groups
-@dataclass
-class DiffusionConfig:
-    num_train_timesteps: int = 1000
-    snr_shift: float = 3.0  # 2B: 3.0, 5B: 1.0
-    timestep_sampling: str = "uniform_per_rank"  # uniform_per_rank (Explicit Uniform Sampling) | iid
-    caption_dropout: float = 0.1
-    loss_buckets: int = 10  # train/loss_t000-099 ... over the last log_every_n_steps steps
-    beta_start: float = 8.5e-4
-    beta_end: float = 1.2e-2
-
-
-@dataclass
-class EMAConfig:
-    enabled: bool = True
-    decay: float = 0.9999
-    start_step: int = 0
-
-
-@dataclass
-class SamplingConfig:
-    num_steps: int = 50
-    guidance_scale: float = 6.0
-    guidance_schedule: str = "constant"  # constant | dynamic_cosine
-    seed: int = 1234
-    prompts: list[str] = field(default_factory=lambda: ["a red circle moves from left to right"])
-    use_ema: bool = True
-    num_frames: int | None = None  # None: the shape of the validation batches
-    height: int | None = None
-    width: int | None = None
-    fps: float = 8.0
-    batch_size: int = 1
-
-
-def _plain(cls, value, what: str):
-    cfg = plain_config(cls, value, what)
-    if isinstance(cfg, OptimConfig):
-        cfg.betas = tuple(float(b) for b in cfg.betas)
-    if isinstance(cfg, SamplingConfig):
-        cfg.prompts = [str(p) for p in cfg.prompts]
-    return cfg
 
 
 def _absolute(path: str | None) -> str | None:
@@ -142,32 +104,30 @@ class DiTTrainingModule(pl.LightningModule):
         samples_dir: str | None = None,
         use_latent_cache: bool = False,
         peak_flops: float | None = None,
-        val_timesteps: tuple[int, ...] | list[int] = VAL_TIMESTEPS,
+        val_timesteps: tuple[int, ...] | list[int] = validation.VAL_TIMESTEPS,
     ):
         super().__init__()
         vae_spec = VAESpec.from_any(vae)
         vae_spec = dataclasses.replace(vae_spec, weights=_absolute(vae_spec.weights))
         text_spec = TextEncoderSpec.from_any(text_encoder)
         text_spec = dataclasses.replace(text_spec, path=_absolute(text_spec.path))
-        self.diffusion_cfg = _plain(DiffusionConfig, diffusion, "diffusion")
-        self.optim_cfg = _plain(OptimConfig, optim, "optim")
-        self.ema_cfg = _plain(EMAConfig, ema, "ema")
-        self.sampling_cfg = _plain(SamplingConfig, sampling, "sampling")
+        self.diffusion_cfg = DiffusionConfig.from_any(diffusion)
+        self.optim_cfg = OptimConfig.from_any(optim)
+        self.ema_cfg = EMAConfig.from_any(ema)
+        self.sampling_cfg = SamplingConfig.from_any(sampling)
         self.vae_spec, self.text_spec = vae_spec, text_spec
         val_timesteps = tuple(int(t) for t in val_timesteps)
         n = self.diffusion_cfg.num_train_timesteps
         if any(not 0 <= t < n for t in val_timesteps):
             raise ValueError(f"val_timesteps {val_timesteps} must lie in [0, {n}).")
-        if not 1 <= self.diffusion_cfg.loss_buckets <= n:
-            raise ValueError(f"diffusion.loss_buckets={self.diffusion_cfg.loss_buckets} must be in [1, {n}].")
+        self.timestep_buckets = TimestepBuckets(n, self.diffusion_cfg.loss_buckets)  # train/loss_t*, see there
         # plain values only: never a built module in the hyper-parameters
         self.save_hyperparameters({
             "dit_size": dit_size, "dit_overrides": dict(dit_overrides or {}), "vae": vae_spec.to_dict(),
             "text_encoder": text_spec.to_dict(), "diffusion": asdict(self.diffusion_cfg),
-            "optim": asdict(self.optim_cfg) | {"betas": list(self.optim_cfg.betas)}, "max_steps": max_steps,
-            "ema": asdict(self.ema_cfg), "sampling": asdict(self.sampling_cfg), "seed": int(seed),
-            "samples_dir": samples_dir, "use_latent_cache": bool(use_latent_cache), "peak_flops": peak_flops,
-            "val_timesteps": list(val_timesteps),
+            "optim": self.optim_cfg.to_dict(), "max_steps": max_steps, "ema": asdict(self.ema_cfg),
+            "sampling": asdict(self.sampling_cfg), "seed": int(seed), "samples_dir": samples_dir,
+            "use_latent_cache": bool(use_latent_cache), "peak_flops": peak_flops, "val_timesteps": list(val_timesteps),
         })
         self.seed = int(seed)
         self.val_timesteps = val_timesteps
@@ -178,12 +138,8 @@ class DiTTrainingModule(pl.LightningModule):
         self.ema = EMA(self.dit, self.ema_cfg.decay, self.ema_cfg.start_step) if self.ema_cfg.enabled else None
         self.frozen = FrozenEncoders()  # filled on demand by encoders(); not a child module
         self._prompt_embeds: Tensor | None = None  # sampling prompts, embedded once
-        self._window: collections.deque = collections.deque(maxlen=10)  # (t, loss) of recent steps
-        self._last_batch_end: float | None = None
-        self._step_shape: tuple[int, int, int, int, int] | None = None  # (B, T', h, w, L) of the last step
+        self.throughput = StepThroughput(self.dit.config, peak_flops)  # train/tokens_per_s, train/mfu
         self._sample_shape: tuple[int, int, int] | None = None  # pixel (T, H, W) of the data
-        self._peak = peak_flops
-        self._warned_no_peak = False
         self._gathered_for_export: dict[str, Tensor] | None = None  # ZeRO-3 only, see on_train_end
 
     # ------------------------------------------------------------------------------------ frozen encoders
@@ -229,25 +185,16 @@ class DiTTrainingModule(pl.LightningModule):
         return int(self.global_rank), int(self.trainer.world_size)
 
     def clean_latents_and_text(self, batch: dict[str, Any], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """x0 [B, 16, T', h, w] (fp32, scaled, posterior re-sampled with `generator`) and text embeddings [B, L, D],
-        from a latent-cache batch (latents_mean, latents_logvar, text_embeds) or a frame-pack batch (video,
-        caption) encoded here by the frozen VAE and T5."""
-        if "latents_mean" in batch:
-            mean, logvar, text = batch["latents_mean"], batch["latents_logvar"], batch["text_embeds"]
-            self._check_text_dim(text.shape[2], text.shape[1])
-        elif "video" in batch:
-            encoders = self.encoders(vae=True, text=True)
-            mean, logvar = encoders.encode_video(batch["video"])
-            text = encoders.encode_text(batch["caption"])
-            self._remember_shape(batch["video"].shape[2:])
-        else:
-            raise ValueError(f"a DiT batch needs 'video' + 'caption' (frame pack) or 'latents_mean', "
-                             f"'latents_logvar', 'text_embeds' (latent cache); got keys {sorted(batch)}.")
+        """x0 [B, 16, T', h, w] (fp32, scaled, posterior re-sampled with `generator`) and text embeddings [B, L, D]
+        of a batch (see _posterior_and_text)."""
+        mean, logvar, text = self._posterior_and_text(batch)
         x0 = sample_latents(mean, logvar, generator, self.scaling_factor)
+        if "video" in batch:
+            self._remember_shape(batch["video"].shape[2:])
         if self._sample_shape is None:
             t, h, w = x0.shape[2:]
             self._remember_shape(((t - 1) * 4 + 1, h * 8, w * 8))
-        return x0, text.to(self.device)
+        return x0, text
 
     def _remember_shape(self, thw) -> None:
         """The pixel (frames, height, width) of the video data, the default shape of samples (stills skipped)."""
@@ -270,7 +217,7 @@ class DiTTrainingModule(pl.LightningModule):
         per_sample = self.schedule.v_prediction_loss(v_pred, x0, noise, t)  # [B] fp32
         loss = per_sample.mean()
 
-        self._step_shape = (b, *x0.shape[2:], text.shape[1])
+        self.throughput.step_shape = (b, *x0.shape[2:], text.shape[1])
         self.log("train/loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=b)
         self.log("train/caption_dropped", dropped.float().mean(), on_step=True, on_epoch=False, batch_size=b)
         if self._trainer is not None:  # the lr this step used
@@ -279,14 +226,6 @@ class DiTTrainingModule(pl.LightningModule):
         self._log_timestep_buckets(t, per_sample.detach(), world)
         return loss
 
-    def _bucket_bounds(self) -> list[int]:
-        n, k = self.diffusion_cfg.num_train_timesteps, self.diffusion_cfg.loss_buckets
-        return [(i * n) // k for i in range(k + 1)]
-
-    def _bucket_names(self) -> list[str]:
-        bounds = self._bucket_bounds()
-        return [f"t{bounds[i]:03d}-{bounds[i + 1] - 1:03d}" for i in range(len(bounds) - 1)]
-
     def _log_timestep_buckets(self, t: Tensor, per_sample: Tensor, world: int) -> None:
         """Loss per timestep bucket and the timestep histogram over the last log_every_n_steps steps of ALL ranks
         (each rank only sees its own interval under Explicit Uniform Sampling). No host sync: empty buckets log
@@ -294,21 +233,7 @@ class DiTTrainingModule(pl.LightningModule):
         if world > 1 and self._trainer is not None:
             t, per_sample = self.all_gather(t).reshape(-1), self.all_gather(per_sample).reshape(-1)
         every = max(1, int(self.trainer.log_every_n_steps)) if self._trainer is not None else 1
-        if self._window.maxlen != every:
-            self._window = collections.deque(self._window, maxlen=every)
-        self._window.append((t, per_sample.float()))
-        ts = torch.cat([w[0] for w in self._window])
-        losses = torch.cat([w[1] for w in self._window])
-        k = self.diffusion_cfg.loss_buckets
-        inner = torch.tensor(self._bucket_bounds()[1:-1], device=ts.device)
-        bucket = torch.bucketize(ts, inner, right=True)  # bounds[i] <= t < bounds[i + 1] -> i
-        counts = torch.bincount(bucket, minlength=k).float()
-        sums = torch.zeros(k, device=losses.device).scatter_add_(0, bucket, losses)
-        means = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
-        metrics = {}
-        for i, name in enumerate(self._bucket_names()):
-            metrics[f"train/loss_{name}"] = means[i]
-            metrics[f"train/t_count_{name}"] = counts[i]
+        metrics, ts = self.timestep_buckets.add(t, per_sample, steps=every)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         if self._trainer is not None and self.trainer.is_global_zero and (self.global_step + 1) % every == 0:
             for logger in self.loggers:
@@ -334,7 +259,7 @@ class DiTTrainingModule(pl.LightningModule):
         # A fresh EMA (new run, init_from, or a checkpoint without one) starts from the weights training starts from.
         if self.ema is not None and self.ema.num_updates == 0:
             self.ema = EMA(self.dit, self.ema.decay, self.ema.start_step)
-        self._last_batch_end = None
+        self.throughput.last_batch_end = None
 
     def on_train_end(self) -> None:
         # ZeRO-3 leaves each rank one slice of every weight and of the EMA, and the export after fit runs on rank 0
@@ -355,51 +280,16 @@ class DiTTrainingModule(pl.LightningModule):
             self.ema.update(self.dit, step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self._log_throughput()
+        for name, value in self.throughput.batch_end(world=self._rank_world()[1]).items():
+            self.log(name, value, on_step=True, on_epoch=False, batch_size=1)
 
-    # ------------------------------------------------------------------------------------------ throughput
     def tokens_in_batch(self, batch: dict[str, Any] | None = None) -> int:
         """Text + vision tokens of the last step on this rank (ThroughputMonitor's perf/tokens_per_s)."""
-        if self._step_shape is None:
-            return 0
-        b, t, h, w, length = self._step_shape
-        p = self.dit.config.patch_size
-        return b * (length + t * (h // p) * (w // p))
+        return self.throughput.tokens()
 
     def flops_in_batch(self, batch: dict[str, Any] | None = None) -> tuple[int, int]:
         """(model, hardware) FLOPs of the last step on this rank (MFU / HFU numerators)."""
-        if self._step_shape is None:
-            return 0, 0
-        b, t, h, w, length = self._step_shape
-        cfg = self.dit.config
-        return (flops_per_step(cfg, b, t, h, w, text_tokens=length, mode="model"),
-                flops_per_step(cfg, b, t, h, w, text_tokens=length, mode="hardware"))
-
-    def _peak_flops(self) -> float | None:
-        if self._peak is None:
-            from cogvx_train.train.callbacks import peak_flops_per_device
-
-            self._peak = peak_flops_per_device() or 0.0
-            if not self._peak and not self._warned_no_peak:
-                self._warned_no_peak = True
-                log.info("no known peak FLOP/s for this device (CPU or unlisted GPU): train/mfu is not logged; pass "
-                         "peak_flops= to log it.")
-        return self._peak or None
-
-    def _log_throughput(self) -> None:
-        """train/tokens_per_s (all ranks) and train/mfu from the wall time between consecutive batch ends (so it
-        includes data loading) and the analytic FLOPs of dit.flops_per_step."""
-        now = time.perf_counter()
-        last, self._last_batch_end = self._last_batch_end, now
-        if last is None or self._step_shape is None:
-            return
-        dt = max(now - last, 1e-9)
-        world = self._rank_world()[1]
-        self.log("train/tokens_per_s", self.tokens_in_batch() * world / dt, on_step=True, on_epoch=False,
-                 batch_size=1)
-        peak = self._peak_flops()
-        if peak:
-            self.log("train/mfu", self.flops_in_batch()[0] / dt / peak, on_step=True, on_epoch=False, batch_size=1)
+        return self.throughput.flops()
 
     # ------------------------------------------------------------------------------------------ optimizer
     def configure_optimizers(self):
@@ -429,24 +319,23 @@ class DiTTrainingModule(pl.LightningModule):
         b = len(batch["caption"]) if "caption" in batch else batch["text_embeds"].shape[0]
         rows = batch["index"].tolist() if "index" in batch else list(range(b))
         mean, logvar, text = self._posterior_and_text(batch)
-        eps = torch.stack([randn_like_on_cpu(mean[0], keyed_generator(self.seed, "val_posterior", r)) for r in rows])
-        x0 = (mean.float() + torch.exp(0.5 * logvar.float()) * eps) * self.scaling_factor
-        out = {}
-        for t in self.val_timesteps:
-            noise = torch.stack([randn_like_on_cpu(x0[0], keyed_generator(self.seed, "val_noise", r, t))
-                                 for r in rows])
-            steps = torch.full((b,), t, dtype=torch.long, device=self.device)
-            x_t = self.schedule.add_noise(x0, noise, steps)
-            out[t] = self.schedule.v_prediction_loss(self.dit(x_t, steps, text), x0, noise, steps)
-        return out
+        return validation.fixed_timestep_losses(self.dit, self.schedule, mean, logvar, text, rows, self.seed,
+                                                self.scaling_factor, self.val_timesteps)
 
     def _posterior_and_text(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """VAE posterior (mean, logvar) [B, 16, T', h, w] and text embeddings [B, L, D] of a latent-cache batch
+        (latents_mean, latents_logvar, text_embeds) or of a frame-pack batch (video, caption) encoded here by the
+        frozen VAE and T5."""
         if "latents_mean" in batch:
             mean, logvar, text = batch["latents_mean"], batch["latents_logvar"], batch["text_embeds"]
-        else:
+            self._check_text_dim(text.shape[2], text.shape[1])
+        elif "video" in batch:
             encoders = self.encoders(vae=True, text=True)
             mean, logvar = encoders.encode_video(batch["video"])
             text = encoders.encode_text(batch["caption"])
+        else:
+            raise ValueError(f"a DiT batch needs 'video' + 'caption' (frame pack) or 'latents_mean', "
+                             f"'latents_logvar', 'text_embeds' (latent cache); got keys {sorted(batch)}.")
         return mean, logvar, text.to(self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -479,9 +368,7 @@ class DiTTrainingModule(pl.LightningModule):
 
     def sample_shape(self) -> tuple[int, int, int]:
         """Pixel (frames, height, width) of validation samples: the sampling config, else the data's shape."""
-        s = self.sampling_cfg
-        data = self._sample_shape or (49, 480, 720)
-        return (s.num_frames or data[0], s.height or data[1], s.width or data[2])
+        return validation.sample_shape(self.sampling_cfg, self._sample_shape)
 
     def prompt_embeddings(self) -> Tensor:
         """The sampling prompts through T5, computed once. A latent-cache run loads T5 for this and frees it."""
@@ -498,30 +385,17 @@ class DiTTrainingModule(pl.LightningModule):
         """Sample every prompt with its fixed seed through cogvx_train.sampling (EMA weights when use_ema) and write
         samples_dir/step{step:07d}_{i}.mp4 on rank 0. Every rank runs the sampler (sharded strategies need all
         ranks in each forward); only rank 0 writes and logs."""
-        from cogvx_train.sampling import sample_videos
-
-        s = self.sampling_cfg
         step = self.global_step if step is None else step
-        frames, height, width = self.sample_shape()
-        text = self.prompt_embeddings()
-        encoders = self.encoders(vae=True, text=False)
+        text, vae = self.prompt_embeddings(), self.encoders(vae=True, text=False).vae
         precision = str(self.trainer.precision) if self._trainer is not None else "32"
-        autocast = torch.bfloat16 if "bf16" in precision else torch.float16 if "16" in precision else None
+        out_dir = self.samples_dir() if self._is_rank_zero() else None
         with torch.inference_mode(False), torch.no_grad(), self.eval_weights():  # see validation_step
-            result = sample_videos(self.dit, encoders.vae, self.schedule, s.prompts, text_embeds=text,
-                                   scaling_factor=self.scaling_factor, num_frames=frames, height=height, width=width,
-                                   num_steps=s.num_steps, guidance_scale=s.guidance_scale,
-                                   guidance_schedule=s.guidance_schedule, seed=s.seed, batch_size=s.batch_size,
-                                   autocast_dtype=autocast,
-                                   out_dir=self.samples_dir() if self._is_rank_zero() else None,
-                                   name_format=f"step{step:07d}_{{i}}.mp4", fps=s.fps)
+            paths = validation.write_validation_samples(self.dit, vae, self.schedule, self.sampling_cfg, text,
+                                                        self.scaling_factor, self.sample_shape(), step,
+                                                        validation.autocast_dtype(precision), out_dir)
         if self._is_rank_zero() and self._trainer is not None:
-            for logger in self.loggers:
-                if hasattr(logger, "log_video"):  # wandb; csv has no video
-                    logger.log_video("val/samples", videos=[str(p) for p in result.paths], step=step,
-                                     caption=list(s.prompts), fps=[s.fps] * len(result.paths),
-                                     format=["mp4"] * len(result.paths))
-        return result.paths
+            validation.log_sample_videos(self.loggers, paths, self.sampling_cfg, step)
+        return paths
 
     def _is_rank_zero(self) -> bool:
         return self._trainer is None or self.trainer.is_global_zero
@@ -533,7 +407,7 @@ class DiTTrainingModule(pl.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {"format": 1, "dit_config": asdict(self.dit.config),
                                       "sample_shape": list(self.sample_shape())}
         # the (t, loss) of the last steps behind train/loss_t*: a resumed run logs what the uninterrupted one does
-        checkpoint["dit_loss_window"] = [(t.cpu(), loss.cpu()) for t, loss in self._window]
+        checkpoint["dit_loss_window"] = self.timestep_buckets.state()
         frozen = [k for k in checkpoint.get("state_dict", {}) if not k.startswith("dit.")]
         if frozen:  # nothing but the transformer is trainable state; never ship frozen weights
             raise RuntimeError(f"unexpected non-DiT weights in the DiT checkpoint: {frozen[:3]}")
@@ -543,9 +417,8 @@ class DiTTrainingModule(pl.LightningModule):
         if meta.get("sample_shape"):
             self._sample_shape = tuple(meta["sample_shape"])
         if "dit_loss_window" in checkpoint and (self._trainer is None or self.trainer.global_step == 0):
-            # a resume (not a mid-run roll-back, whose steps were logged already); _log_timestep_buckets resizes it
-            self._window = collections.deque((t.to(self.device), loss.to(self.device))
-                                             for t, loss in checkpoint["dit_loss_window"])
+            # a resume (not a mid-run roll-back, whose steps were logged already)
+            self.timestep_buckets.load_state(checkpoint["dit_loss_window"], self.device)
         if self.ema is not None:
             if "dit_ema" in checkpoint:
                 self.ema.load_state_dict(checkpoint["dit_ema"])
@@ -553,35 +426,16 @@ class DiTTrainingModule(pl.LightningModule):
                 log.warning("the checkpoint has no DiT EMA; the EMA restarts from the loaded weights.")
 
     def load_init_weights(self, path: str) -> None:
-        """`init_from`: see load_init_weights(module, path)."""
+        """`init_from`: see cogvx_train.dit.init_from.load_init_weights."""
         load_init_weights(self, path)
 
     def export(self, out_dir: str) -> Path:
         """The (EMA) transformer for diffusers (transformer/, CogVideoXTransformer3DModel) or, for ablation
         variants diffusers cannot represent, in our own format (transformer/dit_config.json); the frozen VAE
         (vae/) when it has real weights; scheduler/ with the matching CogVideoXDDIMScheduler config."""
-        import json
-
-        from cogvx_train.dit import export_diffusers_transformer, save_dit
-        from cogvx_train.vae import export_diffusers_vae
-
-        out = Path(out_dir)
+        vae = self.encoders(vae=True, text=False).vae if self.vae_spec.weights is not None else None
         with self._dit_to_export() as dit:
-            try:
-                export_diffusers_transformer(dit, out / "transformer")
-            except ValueError:  # ablation variant: no diffusers equivalent
-                save_dit(dit, out / "transformer")
-        if self.vae_spec.weights is not None:
-            export_diffusers_vae(self.encoders(vae=True, text=False).vae, out / "vae")
-        d = self.diffusion_cfg
-        scheduler = {"_class_name": "CogVideoXDDIMScheduler", "num_train_timesteps": d.num_train_timesteps,
-                     "beta_start": d.beta_start, "beta_end": d.beta_end, "beta_schedule": "scaled_linear",
-                     "clip_sample": False, "set_alpha_to_one": True, "steps_offset": 0,
-                     "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
-                     "snr_shift_scale": d.snr_shift, "timestep_spacing": "trailing"}
-        (out / "scheduler").mkdir(parents=True, exist_ok=True)
-        (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
-        return out
+            return export_pipeline(dit, vae, self.diffusion_cfg, out_dir)
 
     def _dit_to_export(self):
         """The (EMA) transformer as a context: this module's, or after a ZeRO-3 fit a whole fp32 copy built from the
@@ -591,73 +445,4 @@ class DiTTrainingModule(pl.LightningModule):
         dit = ExpertTransformer(self.dit.config)
         dit.load_state_dict(self._gathered_for_export, strict=True)
         return nullcontext(dit)
-
-
-# -------------------------------------------------------------------------------------------- init_from
-def resolve_dit_checkpoint(path: str | Path) -> tuple[str, Path]:
-    """("ckpt" | "diffusers" | "native", location) of a DiT weights path, or one sentence saying what would work."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        for candidate in (p / "checkpoints" / "last.ckpt", p / "last.ckpt"):
-            if candidate.is_file():
-                return "ckpt", candidate
-        for folder in (p, p / "transformer", p / "export" / "transformer"):
-            if (folder / "dit_config.json").is_file():
-                return "native", folder
-            if (folder / "config.json").is_file():
-                return "diffusers", folder
-    elif p.is_file():
-        return "ckpt", p
-    raise ValueError(f"{str(p)!r} is not a dit run directory (checkpoints/last.ckpt), a .ckpt file, or a diffusers "
-                     "CogVideoXTransformer3DModel / cogvx export directory.")
-
-
-def dit_weights_from(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], str]:
-    """Transformer weights (our parameter names) from any supported source, EMA preferred; plus a description."""
-    from cogvx_train.dit import load_diffusers_transformer, load_dit
-
-    from cogvx_train.train import consolidate
-
-    if consolidate.is_deepspeed_checkpoint(Path(path)):  # a ZeRO directory: merge the shards, no DeepSpeed needed
-        return weights_from_checkpoint(consolidate.load_full_training_state(path).lightning_checkpoint(), path, use_ema)
-    kind, where = resolve_dit_checkpoint(path)
-    if kind == "diffusers":
-        return load_diffusers_transformer(where, dtype=torch.float32).state_dict(), f"diffusers {where}"
-    if kind == "native":
-        return load_dit(where, dtype=torch.float32).state_dict(), f"cogvx export {where}"
-    return weights_from_checkpoint(torch.load(where, map_location="cpu", weights_only=False), where, use_ema)
-
-
-def weights_from_checkpoint(ckpt: dict, where: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], str]:
-    """The transformer weights of a loaded dit-stage Lightning checkpoint: its EMA when asked and present."""
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not any(k.startswith("dit.") for k in state):
-        raise ValueError(f"{where} is not a dit-stage checkpoint (no 'dit.' weights); give a dit run directory, its "
-                         "checkpoints/*.ckpt or a diffusers transformer directory.")
-    weights = {k[len("dit."):]: v for k, v in state.items() if k.startswith("dit.")}
-    if use_ema and "dit_ema" in ckpt:
-        weights.update(ckpt["dit_ema"]["shadow"])
-        return weights, f"EMA of {where}"
-    return weights, str(where)
-
-
-def load_init_weights(module: DiTTrainingModule, path: str | Path) -> str:
-    """Start a fresh run from another run's weights: a dit checkpoint / run directory (its EMA when present), a
-    cogvx export, or a diffusers CogVideoXTransformer3DModel directory. Optimizer, step and data start fresh; the
-    EMA restarts from the loaded weights. Position encodings hold no parameters (RoPE uses integer positions, the
-    sincos table is recomputed for each token grid), so weights trained at one resolution load at any other."""
-    weights, source = dit_weights_from(path, use_ema=True)
-    own = module.dit.state_dict()
-    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-    wrong = [k for k in own if k in weights and weights[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"{wrong[0]} is {tuple(weights[wrong[0]].shape)} there and {tuple(own[wrong[0]].shape)} here")
-        raise ValueError(f"init_from={path} holds a transformer of another architecture than this run's "
-                         f"({detail}); use the same model size and text_fusion/attention variant.")
-    module.dit.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()}, strict=True)
-    if module.ema is not None:
-        module.ema = EMA(module.dit, module.ema.decay, module.ema.start_step)
-    log.info("init_from: loaded transformer weights from %s", source)
-    return source
 

@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from cogvx_train.dit.module import DiTTrainingModule, load_init_weights
+from cogvx_train.dit.init_from import load_init_weights
+from cogvx_train.dit.module import DiTTrainingModule
 
 from dit_helpers import latent_batch, loader, module_kwargs, trainer, video_batch
 
@@ -193,7 +194,7 @@ def test_logs_buckets_grad_norm_throughput_and_validation_writes_mp4s(tmp_path, 
         assert math.isfinite(float(metrics[f"val/loss_t{t}"]))
     for key in ("train/grad_norm", "train/lr", "train/tokens_per_s", "train/mfu", "train/t_count_t000-099"):
         assert key in metrics and math.isfinite(float(metrics[key]))
-    counts = sum(float(metrics[f"train/t_count_{n}"]) for n in module._bucket_names())
+    counts = sum(float(metrics[f"train/t_count_{n}"]) for n in module.timestep_buckets.names)
     assert counts == 2  # log_every_n_steps=1: the window holds the last step's 2 samples
     assert float(module.sample_shape()[2]) == 32  # samples at the validation data's size
 
@@ -215,6 +216,6 @@ def test_bucket_statistics_follow_the_bucket_names(tiny_module):
     module.log_dict = lambda metrics, **kwargs: logged.update(metrics)
     t = torch.tensor([0, 332, 333, 665, 666, 999, 999])
     module._log_timestep_buckets(t, torch.tensor([1.0, 3.0, 5.0, 7.0, 2.0, 4.0, 6.0]), world=1)
-    assert module._bucket_names() == ["t000-332", "t333-665", "t666-999"]
-    assert [float(logged[f"train/t_count_{n}"]) for n in module._bucket_names()] == [2, 2, 3]
-    assert [float(logged[f"train/loss_{n}"]) for n in module._bucket_names()] == [2.0, 6.0, 4.0]
+    assert module.timestep_buckets.names == ["t000-332", "t333-665", "t666-999"]
+    assert [float(logged[f"train/t_count_{n}"]) for n in module.timestep_buckets.names] == [2, 2, 3]
+    assert [float(logged[f"train/loss_{n}"]) for n in module.timestep_buckets.names] == [2.0, 6.0, 4.0]

@@ -79,7 +79,7 @@ def test_errors_are_one_line_with_exit_code_2(run_dir, tmp_path, capsys):
 def test_export_loads_in_diffusers_and_as_init_from(run_dir, tmp_path):
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
 
-    from cogvx_train.dit.module import load_init_weights
+    from cogvx_train.dit.init_from import load_init_weights
     from cogvx_train.sampling import load_for_sampling
 
     module, _ = load_for_sampling(run_dir)  # EMA weights
