@@ -390,11 +390,15 @@ class DiTTrainingModule(pl.LightningModule):
         precision = str(self.trainer.precision) if self._trainer is not None else "32"
         out_dir = self.samples_dir() if self._is_rank_zero() else None
         with torch.inference_mode(False), torch.no_grad(), self.eval_weights():  # see validation_step
-            paths = validation.write_validation_samples(self.dit, vae, self.schedule, self.sampling_cfg, text,
-                                                        self.scaling_factor, self.sample_shape(), step,
-                                                        validation.autocast_dtype(precision), out_dir)
-        if self._is_rank_zero() and self._trainer is not None:
-            validation.log_sample_videos(self.loggers, paths, self.sampling_cfg, step)
+            paths, videos = validation.write_validation_samples(self.dit, vae, self.schedule, self.sampling_cfg,
+                                                                text, self.scaling_factor, self.sample_shape(), step,
+                                                                validation.autocast_dtype(precision), out_dir)
+        if self._trainer is not None:
+            for name, value in validation.prompt_following_metrics(videos, self.sampling_cfg.prompts).items():
+                # every rank sampled the same videos: the same value everywhere, no reduction needed
+                self.log(name, value, on_step=False, on_epoch=True, rank_zero_only=True, batch_size=1)
+            if self._is_rank_zero():
+                validation.log_sample_videos(self.loggers, paths, self.sampling_cfg, step)
         return paths
 
     def _is_rank_zero(self) -> bool:

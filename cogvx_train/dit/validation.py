@@ -3,7 +3,10 @@
 * the loss of paper Table 9: the v-prediction loss at fixed timesteps (VAL_TIMESTEPS), with the posterior sample and
   the noise of each clip keyed on its manifest row (a loss at random timesteps and noise mostly measures the draw);
 * samples: every sampling prompt with its fixed seed through cogvx_train.sampling, written as step{step:07d}_{i}.mp4
-  and logged as videos where the logger takes them (wandb).
+  and logged as videos where the logger takes them (wandb);
+* prompt following, where the prompts speak the synthetic set's vocabulary ("a red circle moves from left to
+  right"): the share of samples whose pixels show the colour / direction their prompt names
+  (cogvx_train/eval/prompt_following.py), logged as val/prompt_colour_acc and val/prompt_direction_acc.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from torch import Tensor, nn
 from cogvx_train.diffusion import NoiseSchedule
 from cogvx_train.dit.frozen_encoders import keyed_generator, randn_like_on_cpu
 from cogvx_train.dit.training_config import SamplingConfig
+from cogvx_train.eval.prompt_following import prompt_following
 
 VAL_TIMESTEPS = (100, 300, 500, 700, 900)  # paper Table 9 reports the validation loss at these timesteps
 
@@ -54,9 +58,10 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 @torch.no_grad()
 def write_validation_samples(dit: nn.Module, vae: nn.Module, schedule: NoiseSchedule, sampling: SamplingConfig,
                              text_embeds: Tensor, scaling_factor: float, shape: tuple[int, int, int], step: int,
-                             autocast: torch.dtype | None, out_dir: Path | None) -> list[Path]:
+                             autocast: torch.dtype | None, out_dir: Path | None) -> tuple[list[Path], Tensor]:
     """Sample every prompt of `sampling` (text_embeds: their embeddings) with its fixed seed; write
-    out_dir/step{step:07d}_{i}.mp4 unless out_dir is None (every rank samples, one writes)."""
+    out_dir/step{step:07d}_{i}.mp4 unless out_dir is None (every rank samples, one writes). Returns the paths and
+    the videos [N, 3, T, H, W] in [-1, 1]."""
     from cogvx_train.sampling import sample_videos
 
     s = sampling
@@ -66,7 +71,15 @@ def write_validation_samples(dit: nn.Module, vae: nn.Module, schedule: NoiseSche
                            guidance_scale=s.guidance_scale, guidance_schedule=s.guidance_schedule, seed=s.seed,
                            batch_size=s.batch_size, autocast_dtype=autocast, out_dir=out_dir,
                            name_format=f"step{step:07d}_{{i}}.mp4", fps=s.fps)
-    return result.paths
+    return result.paths, result.videos
+
+
+def prompt_following_metrics(videos: Tensor, prompts: list[str]) -> dict[str, float]:
+    """{"val/prompt_colour_acc", "val/prompt_direction_acc"} over the prompts that name a palette colour / a
+    direction; a key is left out when no prompt names one (free-form prompts log nothing)."""
+    score = prompt_following(list(videos), list(prompts))
+    out = {"val/prompt_colour_acc": score.color_accuracy, "val/prompt_direction_acc": score.direction_accuracy}
+    return {k: float(v) for k, v in out.items() if v is not None}
 
 
 def log_sample_videos(loggers, paths: list[Path], sampling: SamplingConfig, step: int) -> None:

@@ -190,6 +190,8 @@ def test_logs_buckets_grad_norm_throughput_and_validation_writes_mp4s(tmp_path, 
     written = sorted(p.name for p in (tmp_path / "samples").glob("*.mp4"))
     assert written == ["step0000002_0.mp4", "step0000002_1.mp4"]
     metrics = fit.callback_metrics
+    # the prompts name colours ("a red circle") but no direction: only the colour score is logged
+    assert 0.0 <= float(metrics["val/prompt_colour_acc"]) <= 1.0 and "val/prompt_direction_acc" not in metrics
     for t in (100, 300, 500, 700, 900):
         assert math.isfinite(float(metrics[f"val/loss_t{t}"]))
     for key in ("train/grad_norm", "train/lr", "train/tokens_per_s", "train/mfu", "train/t_count_t000-099"):

@@ -82,6 +82,20 @@ def test_motion_is_measured_in_frame_units_and_a_blank_clip_is_a_miss():
         read_clip(torch.zeros(9, 32, 32))
 
 
+def test_validation_logs_prompt_following_only_for_prompts_that_name_colour_or_direction():
+    from cogvx_train.dit.validation import prompt_following_metrics
+
+    rng = np.random.default_rng(3)
+    specs = [_clip(c, d, "circle", rng) for c, d in [("red", "left to right"), ("blue", "top to bottom")]]
+    videos = torch.stack([_as_float(render(s)) for s in specs])
+    right = prompt_following_metrics(videos, [s.caption for s in specs])
+    assert right == {"val/prompt_colour_acc": 1.0, "val/prompt_direction_acc": 1.0}
+    swapped = prompt_following_metrics(videos, [specs[1].caption, specs[0].caption])
+    assert swapped == {"val/prompt_colour_acc": 0.0, "val/prompt_direction_acc": 0.0}
+    assert prompt_following_metrics(videos, ["a red circle", "a blue circle"]) == {"val/prompt_colour_acc": 1.0}
+    assert prompt_following_metrics(videos, ["a cat playing piano", "sunset over the sea"]) == {}
+
+
 def test_grid_prompts_cover_every_colour_and_direction():
     prompts = grid_prompts(DEFAULT_COLORS)
     assert len(prompts) == len(DEFAULT_COLORS) * 4
