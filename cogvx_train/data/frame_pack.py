@@ -302,22 +302,46 @@ def collate_frame_pack(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     plain ``torch.stack`` would be copied into shared memory once more on the way to the main process); in the
     main process into a numpy-allocated buffer (huge pages: cheaper first touch for hundreds of MB).
     """
+    return batch_as_tensors(_collate(samples))
+
+
+def _collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The batch with its small per-sample fields as numpy arrays (the loaders' collate_fn, see batch_as_tensors)."""
     shapes = {tuple(s["video"].shape) for s in samples}
     if len(shapes) != 1:
         raise ValueError(f"a batch must have one shape, got {sorted(shapes)}; batches must come from one bucket.")
+
+    def field(name: str, dtype) -> np.ndarray:
+        return np.array([s[name] for s in samples], dtype=dtype)
+
     return {
         "video": _stack_videos([s["video"] for s in samples]),
-        "num_real_frames": torch.tensor([s["num_real_frames"] for s in samples], dtype=torch.int64),
-        "is_image": torch.tensor([s["is_image"] for s in samples], dtype=torch.bool),
+        "num_real_frames": field("num_real_frames", np.int64),
+        "is_image": field("is_image", np.bool_),
         "caption": [s["caption"] for s in samples],
-        "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
-        "requested_index": torch.tensor([s["requested_index"] for s in samples], dtype=torch.int64),
-        "frame_indices": torch.stack([s["frame_indices"] for s in samples]),
-        "fps": torch.tensor([s["fps"] for s in samples], dtype=torch.float32),
+        "index": field("index", np.int64),
+        "requested_index": field("requested_index", np.int64),
+        "frame_indices": np.stack([np.asarray(s["frame_indices"]) for s in samples]),
+        "fps": field("fps", np.float32),
         "path": [s["path"] for s in samples],
-        "failures": torch.tensor([s["failures"] for s in samples], dtype=torch.int64),
+        "failures": field("failures", np.int64),
         "failure_reasons": [s["failure_reasons"] for s in samples],
     }
+
+
+def batch_as_tensors(batch: dict[str, Any]) -> dict[str, Any]:
+    """numpy fields -> tensors (zero-copy). A batch crosses from a worker to the training process with its small
+    fields as numpy arrays because every tensor a worker sends costs a shared-memory file-descriptor round trip
+    with that worker (~0.6 ms each on 2 CPU cores, measured; 7 of a batch's 8 tensors were such fields), while
+    numpy arrays travel inside the pickle. The loaders convert them back, so consumers see tensors."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
+class _TensorBatchLoader(DataLoader):
+    """A DataLoader whose batches come out with tensors only (see batch_as_tensors); the validation loader."""
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return map(batch_as_tensors, super().__iter__())
 
 
 # ---------------------------------------------------------------------------------------------------- sampler
@@ -543,7 +567,7 @@ class _PositionedDataLoader(DataLoader):
         for k in range(1, count + 1):
             batch = next(stream)
             self._stream_at = (epoch + 1, 0) if k == count else (epoch, self._stream_at[1] + step)
-            yield batch
+            yield batch_as_tensors(batch)
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self._position)
@@ -748,7 +772,7 @@ class FramePackDataModule(LightningDataModule):
         return rank // self.context_parallel_size, self._data_parallel_world(world)
 
     def _loader_kwargs(self, num_workers: int) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"num_workers": num_workers, "collate_fn": collate_frame_pack,
+        kwargs: dict[str, Any] = {"num_workers": num_workers, "collate_fn": _collate,
                                   "pin_memory": self.pin_memory}
         if num_workers > 0:
             kwargs["worker_init_fn"] = _worker_init
@@ -791,7 +815,8 @@ class FramePackDataModule(LightningDataModule):
         sampler = BucketBatchSampler(self.val_dataset.bucket_ids, self.val_dataset.buckets, seed=self.seed,
                                      num_replicas=world, rank=rank, shuffle=False, drop_last=False,
                                      fixed_epoch=0, pad_last_round=True)
-        return DataLoader(self.val_dataset, batch_sampler=sampler, **self._loader_kwargs(self.val_num_workers))
+        return _TensorBatchLoader(self.val_dataset, batch_sampler=sampler,
+                                  **self._loader_kwargs(self.val_num_workers))
 
     # -------------------------------------------------------------------------------------- position & state
 

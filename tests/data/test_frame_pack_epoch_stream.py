@@ -55,3 +55,25 @@ def test_without_workers_the_epochs_are_the_same(small_synthetic):
     loader = dm.train_dataloader()
     assert len(loader) == len(_expected(dm, 0))
     assert [_consume(dm, loader) for _ in range(3)] == [_expected(dm, e) for e in range(3)]
+
+
+def test_worker_batches_carry_small_fields_inline_and_reach_the_loop_as_tensors(small_synthetic):
+    """Only the video crosses from a worker in shared memory (each tensor costs a file-descriptor round trip with the
+    worker); the small fields travel inside the pickle as numpy and come out of both loaders as tensors."""
+    import numpy as np
+    import torch
+
+    from cogvx_train.data.frame_pack import _collate
+
+    dm = FramePackDataModule(small_synthetic, 5, RESOLUTIONS, 2, num_workers=2, val_num_workers=1,
+                             num_val_clips=2, seed=1)
+    train = dm.train_dataloader()
+    raw = _collate([dm.train_dataset[key] for key in next(iter(dm.train_sampler))])
+    assert isinstance(raw["video"], torch.Tensor) and isinstance(raw["index"], np.ndarray)
+    assert [k for k, v in raw.items() if isinstance(v, torch.Tensor)] == ["video"]
+    for loader in (train, dm.val_dataloader()):
+        batch = next(iter(loader))
+        assert {k: v.dtype for k, v in batch.items() if isinstance(v, torch.Tensor)} == {
+            "video": torch.float32, "num_real_frames": torch.int64, "is_image": torch.bool, "index": torch.int64,
+            "requested_index": torch.int64, "frame_indices": torch.int64, "fps": torch.float32,
+            "failures": torch.int64}
