@@ -182,6 +182,13 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if not t.get("fast_dev_run"):
         _positive(cfg, "trainer.max_steps", errors, integer=True)
     _choice(cfg, "trainer.strategy", STRATEGIES, errors)
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
+    if accumulate is not None:  # a trainer config of your own may leave it out (= 1)
+        _positive(cfg, "trainer.accumulate_grad_batches", errors, integer=True)
+    if task == "vae" and accumulate not in (None, 1):
+        errors.append(f"trainer.accumulate_grad_batches={t.accumulate_grad_batches} does not apply to VAE stages: "
+                      "their generator and discriminator step on every batch (manual optimisation); use 1 and a "
+                      "larger data.batch_size or more ranks.")
     if str(t.precision) not in PRECISIONS:
         errors.append(f"trainer.precision={t.precision!r} is not one of {', '.join(PRECISIONS)}.")
 

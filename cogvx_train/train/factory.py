@@ -226,6 +226,7 @@ def build_trainer(cfg: DictConfig, callbacks: list, loggers: list):
         strategy=build_strategy(t, find_unused_parameters=cfg.task == "vae", gradient_clip_val=cfg.optim.grad_clip),
         precision=resolve_precision(str(t.precision), t.accelerator),
         max_steps=t.max_steps,
+        accumulate_grad_batches=t.get("accumulate_grad_batches", 1),
         log_every_n_steps=t.log_every_n_steps,
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None,

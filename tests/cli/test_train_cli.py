@@ -50,6 +50,8 @@ NOT_A_RUN = "/nonexistent/path"
     (["stage=vae_a1", "experiment=demo", "trainer=deepspeed_zero2"], "use trainer=ddp or trainer=fsdp for vae"),
     (["stage=dit_b1", "model=2b", "model.vae.weights=null"], "model.text_encoder.path is not set"),
     (["stage=vae_a1", "experiment=demo", "optim.lr=-1"], "optim.lr=-1 must be a number > 0"),
+    (["stage=vae_a1", "experiment=demo", "trainer.accumulate_grad_batches=4"], "does not apply to VAE stages"),
+    (["stage=dit_b1", "experiment=demo", "trainer.accumulate_grad_batches=0"], "must be an integer > 0"),
     (["stage=vae_a1", "experiment=demo", f"resume={NOT_A_RUN}"], "resume=/nonexistent/path does not exist"),
 ])
 def test_wrong_config_gets_one_clear_line(tmp_path, cli_env, args, expected):

@@ -37,7 +37,7 @@ class WeightRecorder(Callback):
         self.ema_updates.append(pl_module.ema.num_updates)
 
 
-def _train(overrides: list[str], run_path, recorder: WeightRecorder):
+def _train(overrides: list[str], run_path, recorder: WeightRecorder, inject=tuple(INJECT)):
     from hydra import compose, initialize_config_module
 
     from cogvx_train.config import resolvers
@@ -52,7 +52,7 @@ def _train(overrides: list[str], run_path, recorder: WeightRecorder):
     factory.seed_everything(cfg.seed)
     datamodule, module = factory.build_datamodule(cfg), factory.build_module(cfg, run)
     callbacks = [*factory.build_callbacks(cfg, run), recorder]
-    assert any(isinstance(cb, NonFiniteGuard) and cb.inject_nan_steps == set(INJECT) for cb in callbacks)
+    assert any(isinstance(cb, NonFiniteGuard) and cb.inject_nan_steps == set(inject) for cb in callbacks)
     trainer = factory.build_trainer(cfg, callbacks, factory.build_loggers(cfg, run))
     trainer.fit(module, datamodule=datamodule)
     return run, trainer
@@ -112,3 +112,27 @@ def test_nan_steps_are_skipped_counted_and_rolled_back(kind, tmp_path, cache_dir
     assert trainer.checkpoint_callback is not None
     guard = next(cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
     assert (guard.total_skipped, guard.rollbacks) == (3, 1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_with_gradient_accumulation_a_nan_skips_and_counts_one_optimizer_step(tmp_path, cache_dir, dataset,
+                                                                               tiny_vae_dir):
+    """trainer.accumulate_grad_batches=2: step 1's two micro-batches are NaN. The guard decides once per optimizer
+    step (after both micro-batches' gradients are summed): one skip counted, not two; weights and EMA move only at
+    the ends of steps 0 and 2; the data position counts micro-batches."""
+    torch.set_num_threads(1)
+    recorder = WeightRecorder(("dit",))
+    overrides = ["stage=dit_b1", *SMALL, f"model.vae.weights={tiny_vae_dir}", "trainer.accumulate_grad_batches=2",
+                 "trainer.max_steps=3", "checkpoint.every_n_steps=1", "debug_inject_nan_steps=[1]",
+                 f"paths.output_dir={tmp_path}"]
+    run, trainer = _train(overrides, tmp_path / "run", recorder, inject=(1,))
+    w = [step["dit"] for step in recorder.after]  # one entry per micro-batch
+    assert trainer.global_step == 3 and len(w) == 6
+    assert not torch.equal(w[1], w[0])  # end of step 0: an update
+    assert torch.equal(w[2], w[1]) and torch.equal(w[3], w[2])  # step 1: accumulating, then skipped
+    assert torch.equal(w[4], w[3]) and not torch.equal(w[5], w[4])  # step 2: accumulating, then an update
+    assert recorder.ema_updates == [0, 1, 1, 1, 1, 2]
+    assert torch.equal(recorder.ema[3], recorder.ema[1])
+    assert float(metrics_by_step(run.path)[2]["train/skipped_nonfinite_steps"]) == 1.0
+    assert trainer.datamodule.position.samples_seen == 6 * trainer.datamodule.batch_size
