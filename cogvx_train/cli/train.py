@@ -135,6 +135,7 @@ def train(cfg: DictConfig, run=None) -> dict:
 
     world_size = factory.world_size_from_env(cfg)
     run = run or RunDirectory.from_hydra(cfg)
+    pin_hydra_run_dir(run.path)
     derived = factory.check_config(cfg, world_size)               # one sentence per mistake, nothing heavy yet
     if run.finished() and not cfg.resume:
         log.info("trial %s already finished; skipping (delete %s to redo it)", run.path, run.done_marker)
@@ -164,6 +165,19 @@ def train(cfg: DictConfig, run=None) -> dict:
         factory.export_final(module, run)
         run.mark_finished(metrics)
     return metrics
+
+
+def pin_hydra_run_dir(path: Path) -> None:
+    """Fix `hydra.run.dir` to the directory this job writes to. It is an interpolation of a time-stamp resolver,
+    and Lightning's launcher of ranks 1.. (trainer.devices=N without torchrun) reads it again to give them their
+    directory: seconds later, it named a new, near-empty directory."""
+    from omegaconf import read_write
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    with read_write(hydra_cfg):
+        hydra_cfg.run.dir = str(path)
 
 
 @hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base="1.3")

@@ -60,3 +60,31 @@ def test_wrong_config_gets_one_clear_line(tmp_path, cli_env, args, expected):
     assert "Traceback" not in out.stderr
     lines = [ln for ln in out.stderr.splitlines() if ln.startswith("cogvx-train: error:")]
     assert lines and any(expected in ln for ln in lines), out.stderr[-2000:]
+
+
+def test_hydra_run_dir_is_pinned_for_the_ranks_lightning_launches():
+    """trainer.devices=N without torchrun: Lightning starts ranks 1.. with `hydra.run.dir=<HydraConfig run.dir>`,
+    read when it launches them. That value is a time-stamp interpolation; unpinned, it named a new directory a
+    second later (a near-empty second run directory per launch)."""
+    import time
+
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+    from lightning.fabric.strategies.launchers.subprocess_script import _hydra_subprocess_cmd
+
+    from cogvx_train.cli.train import pin_hydra_run_dir
+    from cogvx_train.config import resolvers
+
+    resolvers.register()
+    with initialize_config_module(config_module="cogvx_train.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["stage=vae_a1", "paths.output_dir=/tmp/pin-test"],
+                      return_hydra_config=True)
+        cfg.hydra.runtime.cwd = str(Path.cwd())
+        HydraConfig.instance().set_config(cfg)
+        first = HydraConfig.get().run.dir
+        time.sleep(1.1)
+        assert HydraConfig.get().run.dir != first  # the problem: every read is a new time stamp
+        pin_hydra_run_dir(Path(first))
+        time.sleep(1.1)
+        command, _ = _hydra_subprocess_cmd(local_rank=1)
+        assert f'hydra.run.dir="{first}"' in command
