@@ -1,4 +1,6 @@
-"""Context parallelism over 2 real processes (gloo, CPU): forward and backward equal one process on the whole clip."""
+"""Context parallelism over 2 real processes (gloo, CPU): forward and backward equal one process on the whole clip,
+also with gradient checkpointing on the context-parallel side (its recomputation repeats the halo exchanges and
+GroupNorm all-reduces in backward, in the same order on every rank)."""
 
 from __future__ import annotations
 
@@ -23,12 +25,16 @@ FRAMES, SIZE = 9, (16, 16)
 MODES = {
     "whole_clip_groupnorm": dict(encoder_norm_window=None, decoder_norm_window=None),  # statistics all-reduced
     "windowed_groupnorm": dict(encoder_norm_window=4, decoder_norm_window=1),  # rank boundaries on windows
+    "whole_clip_groupnorm+checkpointing": dict(encoder_norm_window=None, decoder_norm_window=None),
+    "windowed_groupnorm+checkpointing": dict(encoder_norm_window=4, decoder_norm_window=1),
 }
 
 
-def _setup(mode: str):
+def _setup(mode: str, checkpointing: bool = False):
     torch.manual_seed(0)
     vae = randomize_(build_vae("tiny", **MODES[mode]), seed=0)
+    if checkpointing:
+        vae.enable_gradient_checkpointing()
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(1, 3, FRAMES, *SIZE, generator=gen)
     weights = {  # fixed random loss weights, so every output element gets its own gradient
@@ -55,7 +61,7 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
 
 
 def _run_mode(rank: int, world: int, mode: str) -> dict:
-    vae, x, weights = _setup(mode)
+    vae, x, weights = _setup(mode, checkpointing=mode.endswith("+checkpointing"))
     window = MODES[mode]["encoder_norm_window"]
     group = dist.group.WORLD
     local = {k: split_frames_for_rank(v, rank, world, 1 if k != "recon" else 4, None)
@@ -92,7 +98,7 @@ def two_rank_results() -> dict:
 def test_two_rank_forward_and_backward_equal_one_process(two_rank_results, mode):
     out = two_rank_results[mode]
 
-    vae, x, weights = _setup(mode)
+    vae, x, weights = _setup(mode)  # the reference: one process, no checkpointing
     recon, posterior = vae(x, sample_posterior=False)
     _loss(recon, posterior, weights).backward()
 
