@@ -217,7 +217,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             errors += _context_parallel_clip_errors(cfg, cp)
     if task == "vae" and str(t.strategy).startswith("deepspeed"):
         errors.append(f"trainer={t.strategy} runs one optimizer per model and the VAE stages train two (G and D); "
-                      "use trainer=ddp or trainer=fsdp for vae stages.")
+                      "use trainer=ddp for vae stages.")
+    if task == "vae" and str(t.strategy) == "fsdp":
+        errors.append("trainer=fsdp trains the DiT stages; the VAE stages step G and D themselves inside the "
+                      "forward (manual optimisation), which FSDP's parameter views do not allow: use trainer=ddp.")
     if task == "dit":
         from cogvx_train.dit import DIT_SIZES
 

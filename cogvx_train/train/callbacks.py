@@ -169,6 +169,19 @@ def grads_finite(parameters) -> bool:
     return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
 
+def _on_every_rank(finite: bool) -> bool:
+    """`finite` and'ed over all ranks. Under DDP every rank holds the same all-reduced gradients and so the same
+    verdict; under FSDP each rank checks only its own gradient shard, and the ranks must still skip (and roll back,
+    a collective load) together."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return finite
+    flag = torch.tensor([int(finite)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def deepspeed_engine(trainer):
     """The DeepSpeed engine training this run, or None under any other strategy."""
     engine = getattr(trainer.strategy, "deepspeed_engine", None)
@@ -244,7 +257,7 @@ class NonFiniteGuard(Callback):
                 ema.skip_next_update(lambda: engine.skipped_steps > before)
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if grads_finite(params):
+        if _on_every_rank(grads_finite(params)):
             return
         for p in params:
             p.grad = None

@@ -20,6 +20,12 @@ How the slices fit together (what DeepSpeed's own zero_to_fp32.py relies on; thi
   vectors hold its piece of each parameter, one after another in `param_shapes` order. The EMA is sharded the same
   way (cogvx_train/train/ema.py): each rank's model-states file holds its pieces, merged here into whole tensors.
 
+An FSDP checkpoint (`trainer=fsdp`, Lightning's "sharded" state dict) is a directory too: torch's distributed
+checkpoint (`.metadata` plus one `__<rank>_0.distcp` file per rank) holding `model` (the LightningModule's state_dict
+names) and `optimizer_0` (AdamW's state by parameter name), and `meta.pt`, the rest of the Lightning checkpoint
+(loops, callbacks, schedulers, the EMA whole: the strategy gathers it before saving). torch reads the shards back
+into whole tensors on its own (`dcp_to_torch_save`, no process group); nothing here depends on the world size.
+
 The pickles also hold a few DeepSpeed objects (its loss scaler, an enum, slice addresses); they are read as inert
 stand-ins, so nothing here imports DeepSpeed. `FullTrainingState.lightning_checkpoint()` turns the result into a
 single-file Lightning checkpoint (weights + torch AdamW state + everything else) that DDP resumes from, and
@@ -371,6 +377,51 @@ def _merge_sliced_emas(tag_dir: Path, client: dict[str, Any], world: int) -> Non
         client[key] = {**{k: v for k, v in parts[0].items() if k not in ("shadow", "partition")}, "shadow": shadow}
 
 
+# ---------------------------------------------------------------------------------------- FSDP (torch DCP)
+FSDP_SHARD_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")
+
+
+def fsdp_checkpoint_dir(path: str | Path) -> Path | None:
+    """The FSDP checkpoint directory `path` is (or a run directory's checkpoints/last.ckpt), else None."""
+    p = Path(path).expanduser()
+    for candidate in (p, p / "checkpoints" / "last.ckpt"):
+        if (candidate / ".metadata").is_file() and (candidate / "meta.pt").is_file():
+            return candidate
+    return None
+
+
+def read_fsdp_checkpoint(path: str | Path) -> FullTrainingState:
+    """The full fp32 training state of an FSDP sharded checkpoint directory, on the CPU, in one process."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = fsdp_checkpoint_dir(path)
+    if folder is None:
+        raise ValueError(f"{path} is not an FSDP checkpoint directory (no .metadata and meta.pt); give the "
+                         "directory Lightning wrote (e.g. checkpoints/last.ckpt).")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            dcp_to_torch_save(folder, Path(tmp) / "full.pt")
+        except Exception as err:  # noqa: BLE001 - a missing or truncated shard: one answer for the user
+            raise ValueError(f"{folder} cannot be read ({type(err).__name__}: {err}); the checkpoint is incomplete "
+                             "— use an earlier step-*.ckpt of the same run.") from err
+        full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+    weights = {k: (v.float() if v.is_floating_point() else v) for k, v in full["model"].items()}
+    optim = full.get("optimizer_0") or {"state": {}, "param_groups": []}
+    state = optim["state"]
+    moments: dict[str, dict[str, Tensor]] = {}
+    step = 0
+    if state and all(all(k in s for k in MOMENT_KEYS) for s in state.values()):
+        moments = {k: {name: s[k].float() for name, s in state.items()} for k in MOMENT_KEYS}
+        step = int(next(iter(state.values()))["step"])
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(g["params"])}
+              for g in optim["param_groups"]]
+    ranks = {int(m.group(1)) for f in folder.iterdir() if (m := FSDP_SHARD_FILE.match(f.name))}
+    return FullTrainingState(weights=weights, client_state=load_pickle(folder / "meta.pt"), step=step,
+                             moments=moments, param_groups=groups, world_size=len(ranks), source=str(folder))
+
+
 # ----------------------------------------------------------------------------------- plain Lightning files
 def read_lightning_checkpoint(path: str | Path) -> FullTrainingState:
     """The same view of a single-file Lightning checkpoint (DDP runs, or one written by `lightning_checkpoint`)."""
@@ -400,17 +451,19 @@ def read_lightning_checkpoint(path: str | Path) -> FullTrainingState:
 
 
 def load_full_training_state(path: str | Path) -> FullTrainingState:
-    """Any checkpoint we write: a DeepSpeed directory, a run directory, or a single-file .ckpt."""
+    """Any checkpoint we write: a DeepSpeed or FSDP directory, a run directory, or a single-file .ckpt."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ValueError(f"checkpoint {p} does not exist; give a run directory, checkpoints/last.ckpt or a .ckpt.")
     if p.is_dir():
         if is_deepspeed_checkpoint(p):
             return read_deepspeed_checkpoint(p)
+        if fsdp_checkpoint_dir(p) is not None:
+            return read_fsdp_checkpoint(p)
         if (p / "checkpoints" / "last.ckpt").is_file():
             return read_lightning_checkpoint(p / "checkpoints" / "last.ckpt")
         raise ValueError(f"{p} is neither a DeepSpeed checkpoint directory nor a run directory with "
-                         "checkpoints/last.ckpt.")
+                         "checkpoints/last.ckpt, nor an FSDP checkpoint directory (.metadata and meta.pt).")
     return read_lightning_checkpoint(p)
 
 
