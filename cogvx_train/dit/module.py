@@ -71,7 +71,7 @@ from cogvx_train.dit.timestep_buckets import TimestepBuckets
 from cogvx_train.dit.training_config import DiffusionConfig, EMAConfig, SamplingConfig
 from cogvx_train.train.ema import EMA
 from cogvx_train.train.lr_schedule import build_lr_lambda
-from cogvx_train.train.optimizer import OptimConfig, adamw
+from cogvx_train.train.optimizer import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +296,9 @@ class DiTTrainingModule(pl.LightningModule):
         o = self.optim_cfg
         decay = [p for p in self.dit.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.dit.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = adamw([{"params": decay, "weight_decay": o.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas, eps=o.eps)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=o.lr, betas=o.betas, eps=o.eps)
         total = self.hparams.max_steps
         if (total is None or total <= 0) and self._trainer is not None:
             estimate = self.trainer.estimated_stepping_batches

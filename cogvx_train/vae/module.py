@@ -40,7 +40,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from cogvx_train.train.ema import EMA
 from cogvx_train.train.lr_schedule import build_lr_lambda
-from cogvx_train.train.optimizer import OptimConfig, adamw
+from cogvx_train.train.optimizer import OptimConfig
 from cogvx_train.train.video_writer import side_by_side, write_video
 from cogvx_train.vae.context_parallel import ClipShare, new_context_parallel_group, temporal_context_parallel
 from cogvx_train.vae.discriminator import build_discriminator
@@ -166,9 +166,10 @@ class VAETrainingModule(pl.LightningModule):
     def configure_optimizers(self):
         o, lc = self.optim_cfg, self.loss_cfg
         total = self.total_steps()
-        opt_g = adamw(self.vae.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        opt_d = adamw(self.discriminator.parameters(), lr=lc.disc_lr if lc.disc_lr else o.lr,
-                      betas=lc.disc_betas or o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        opt_g = torch.optim.AdamW(self.vae.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                  weight_decay=o.weight_decay)
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=lc.disc_lr if lc.disc_lr else o.lr,
+                                  betas=lc.disc_betas or o.betas, eps=o.eps, weight_decay=o.weight_decay)
         g_lambda = build_lr_lambda(o.warmup_steps, total, o.schedule, o.min_lr_ratio)
         # D counts its own steps (it starts at disc_start): it gets its own warmup and ends with G
         d_total = None if total is None else total - lc.disc_start
