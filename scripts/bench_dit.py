@@ -1,6 +1,8 @@
 """One DiT training step (forward, backward, AdamW): ours vs diffusers' CogVideoXTransformer3DModel, same process.
 
-Same config, same weights, same inputs. Outputs are checked to match first (fp32 max abs diff <= 1e-5), and the
+Same config, same weights, same inputs; each trained with its optimizer as shipped: ours with the AdamW cogvx-train
+builds (cogvx_train.train.optimizer.adamw: torch's fused kernel), diffusers' with torch's default AdamW, which its
+training examples use. Outputs are checked to match first (fp32 max abs diff <= 1e-5), and the
 analytic FLOP count against torch's FlopCounterMode (within 2%). Then warm-ups and interleaved reps (the order of
 the models rotates every rep); reported: the median over reps of the per-rep ratio of process CPU time (ours /
 diffusers; a machine shared with other jobs disturbs it less than wall clock, which is printed too) and the
@@ -59,11 +61,15 @@ def build_pair(overrides: dict, text_tokens: int, seed: int = 0, compile_blocks:
 
 
 class Runner:
-    """Calls a model on channel-first inputs and trains it with AdamW."""
+    """Calls a model on channel-first inputs and trains it with AdamW (see the module docstring)."""
 
     def __init__(self, model, is_ref: bool, inputs):
+        from cogvx_train.train.optimizer import adamw
+
         self.model, self.is_ref, self.inputs = model, is_ref, inputs
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        betas, eps = (0.9, 0.999), 1e-8  # torch's defaults, for both
+        self.opt = (torch.optim.AdamW(model.parameters(), lr=1e-4, betas=betas, eps=eps) if is_ref
+                    else adamw(model.parameters(), lr=1e-4, betas=betas, eps=eps, weight_decay=0.01))
 
     def forward(self):
         latents, t, text, rope, _ = self.inputs

@@ -71,7 +71,7 @@ from cogvx_train.dit.timestep_buckets import TimestepBuckets
 from cogvx_train.dit.training_config import DiffusionConfig, EMAConfig, SamplingConfig
 from cogvx_train.train.ema import EMA
 from cogvx_train.train.lr_schedule import build_lr_lambda
-from cogvx_train.train.optimizer import OptimConfig
+from cogvx_train.train.optimizer import OptimConfig, adamw, clip_grad_norm, fused_allowed
 
 log = logging.getLogger(__name__)
 
@@ -251,9 +251,11 @@ class DiTTrainingModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.optim_cfg.grad_clip
-        if clip and clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=clip,
-                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+        algorithm = str(getattr(gradient_clip_algorithm, "value", gradient_clip_algorithm) or "norm")
+        if clip and clip > 0 and algorithm == "norm":
+            clip_grad_norm(self, optimizer, clip)
+        elif clip and clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
 
     def on_train_start(self) -> None:
         # A fresh EMA (new run, init_from, or a checkpoint without one) starts from the weights training starts from.
@@ -296,9 +298,9 @@ class DiTTrainingModule(pl.LightningModule):
         o = self.optim_cfg
         decay = [p for p in self.dit.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.dit.parameters() if p.requires_grad and p.ndim < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=o.lr, betas=o.betas, eps=o.eps)
+        optimizer = adamw([{"params": decay, "weight_decay": o.weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=o.betas, eps=o.eps,
+                          allow_fused=fused_allowed(self))
         total = self.hparams.max_steps
         if (total is None or total <= 0) and self._trainer is not None:
             estimate = self.trainer.estimated_stepping_batches

@@ -40,7 +40,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from cogvx_train.train.ema import EMA
 from cogvx_train.train.lr_schedule import build_lr_lambda
-from cogvx_train.train.optimizer import OptimConfig
+from cogvx_train.train.optimizer import OptimConfig, adamw, clip_grad_norm, fused_allowed
 from cogvx_train.train.video_writer import side_by_side, write_video
 from cogvx_train.vae.context_parallel import ClipShare, new_context_parallel_group, temporal_context_parallel
 from cogvx_train.vae.discriminator import build_discriminator
@@ -166,10 +166,11 @@ class VAETrainingModule(pl.LightningModule):
     def configure_optimizers(self):
         o, lc = self.optim_cfg, self.loss_cfg
         total = self.total_steps()
-        opt_g = torch.optim.AdamW(self.vae.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                  weight_decay=o.weight_decay)
-        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=lc.disc_lr if lc.disc_lr else o.lr,
-                                  betas=lc.disc_betas or o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        fused = fused_allowed(self)
+        opt_g = adamw(self.vae.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                      allow_fused=fused)
+        opt_d = adamw(self.discriminator.parameters(), lr=lc.disc_lr if lc.disc_lr else o.lr,
+                      betas=lc.disc_betas or o.betas, eps=o.eps, weight_decay=o.weight_decay, allow_fused=fused)
         g_lambda = build_lr_lambda(o.warmup_steps, total, o.schedule, o.min_lr_ratio)
         # D counts its own steps (it starts at disc_start): it gets its own warmup and ends with G
         d_total = None if total is None else total - lc.disc_start
@@ -182,7 +183,7 @@ class VAETrainingModule(pl.LightningModule):
 
     def _clip(self, optimizer) -> None:
         if self.optim_cfg.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.optim_cfg.grad_clip, gradient_clip_algorithm="norm")
+            clip_grad_norm(self, optimizer, self.optim_cfg.grad_clip)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, torch.Tensor]:
         x = batch["video"]  # whole clips (every rank of a context-parallel group has the same ones)

@@ -173,6 +173,7 @@ def test_frozen_encoders_get_no_grads_stay_in_eval_and_stay_out_of_the_checkpoin
     no_decay = optimizer.param_groups[1]
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim < 2 for p in no_decay["params"])
     assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
+    assert optimizer.defaults["fused"] is True  # the fused kernel (CPU here), see test_fused_adamw_*
     assert clip_calls and clip_calls[0] == {"gradient_clip_val": 1.0, "gradient_clip_algorithm": "norm"}
 
     ckpt = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
@@ -221,3 +222,56 @@ def test_bucket_statistics_follow_the_bucket_names(tiny_module):
     assert module.timestep_buckets.names == ["t000-332", "t333-665", "t666-999"]
     assert [float(logged[f"train/t_count_{n}"]) for n in module.timestep_buckets.names] == [2, 2, 3]
     assert [float(logged[f"train/loss_{n}"]) for n in module.timestep_buckets.names] == [2.0, 6.0, 4.0]
+
+
+def test_fused_adamw_makes_the_same_update_and_falls_back_where_it_cannot_run():
+    from cogvx_train.train.optimizer import adamw
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 32, generator=gen), torch.randn(32, generator=gen)]
+    grads = [[torch.randn(t.shape, generator=gen) for t in start] for _ in range(5)]
+    runs = {}
+    for name, make in [("ours", adamw), ("torch", lambda *a, **k: torch.optim.AdamW(*a, **k, foreach=False))]:
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = make([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}],
+                   lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        runs[name] = (opt, params)
+    assert runs["ours"][0].defaults["fused"] is True and not runs["torch"][0].defaults["fused"]
+    for a, b in zip(runs["ours"][1], runs["torch"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # same rule, another summation order
+    meta = torch.nn.Parameter(torch.empty(4, device="meta"))
+    assert not adamw([meta], lr=1e-3, betas=(0.9, 0.95), eps=1e-8).defaults["fused"]
+    assert not adamw([torch.nn.Parameter(torch.zeros(2))], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
+                     allow_fused=False).defaults["fused"]
+
+
+def test_bf16_mixed_clips_with_the_fused_optimizer_and_fp16_loss_scaling_keeps_it_off(tiny_module, monkeypatch):
+    """Lightning's MixedPrecision refuses clipping with a fused optimizer; under bf16 (no GradScaler) the norm is
+    clipped anyway, over every parameter, at optim.grad_clip."""
+    from cogvx_train.train.optimizer import fused_allowed
+
+    clipped = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def record(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        clipped.append((len(parameters), max_norm))
+        return original(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", record)
+    module = tiny_module(optim={"grad_clip": 0.5, "warmup_steps": 1}, use_latent_cache=True)
+    trainer(2, precision="bf16-mixed").fit(module, train_dataloaders=loader(latent_batch(t=2, h=2, w=4)))
+    assert module.trainer.optimizers[0].defaults["fused"] is True
+    assert clipped == [(len(list(module.dit.parameters())), 0.5)] * 2
+
+    class FakeTrainer:
+        precision = "16-mixed"
+
+    module._trainer = FakeTrainer()
+    assert not fused_allowed(module)
+    FakeTrainer.precision = "bf16-mixed"
+    assert fused_allowed(module)
