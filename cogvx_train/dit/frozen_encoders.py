@@ -115,6 +115,8 @@ def _vae_from_stage_checkpoint(path: Path, spec: VAESpec):
     hparams = ckpt.get("hyper_parameters") or {}
     size = hparams.get("vae_size", spec.size)
     overrides = dict(hparams.get("vae_overrides") or {})
+    if "vae_scaling_factor" in ckpt:  # the VAE's factor when saved (measured ones change during training)
+        overrides["scaling_factor"] = float(ckpt["vae_scaling_factor"])
     overrides.update(runtime_overrides(spec))  # non-architectural knobs (norm windows, tiles) may change
     if size != spec.size:
         log.info("VAE checkpoint %s holds a %r VAE (model.vae.size says %r): using the checkpoint's", path, size,

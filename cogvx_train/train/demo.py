@@ -2,7 +2,7 @@
 
 The DiT demo needs a VAE that actually reconstructs the synthetic clips. The first DiT demo run trains one with
 `stage=vae_a1 experiment=demo` (a few minutes on a CPU) and caches its diffusers-format export in
-`<paths.cache_dir>/demo-vae-v2`; later runs reuse it. Running the VAE demo yourself first has the same effect.
+`<paths.cache_dir>/demo-vae-v3`; later runs reuse it. Running the VAE demo yourself first has the same effect.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("cogvx_train")
 
-DEMO_VAE = "demo-vae-v2"  # bumped whenever the demo VAE recipe changes (v2: posterior logvar_init)
+DEMO_VAE = "demo-vae-v3"  # bumped whenever the demo VAE recipe changes (v2: posterior logvar_init, v3: measured
+#                            scaling factor)
 
 
 def demo_vae_dir(cfg: DictConfig) -> Path:

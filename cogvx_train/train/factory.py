@@ -97,8 +97,11 @@ def build_module(cfg: DictConfig, run: RunDirectory):
 
         module = VAETrainingModule(
             vae_size=cfg.model.vae.size,
-            vae_overrides={"factorized": cfg.model.vae.factorized, "scaling_factor": cfg.model.vae.scaling_factor,
-                           **_plain(cfg.model.vae.overrides)},
+            # scaling_factor null: measured on the validation clips (vae/latent_scale.py)
+            vae_overrides={"factorized": cfg.model.vae.factorized, **_plain(cfg.model.vae.overrides),
+                           **({} if cfg.model.vae.scaling_factor is None
+                              else {"scaling_factor": cfg.model.vae.scaling_factor})},
+            measure_scaling_factor=cfg.model.vae.scaling_factor is None,
             loss=_plain(cfg.vae_loss),
             optim=_plain(cfg.optim),
             max_steps=cfg.trainer.max_steps,

@@ -44,6 +44,7 @@ from cogvx_train.train.optimizer import OptimConfig, adamw, clip_grad_norm, fuse
 from cogvx_train.train.video_writer import side_by_side, write_video
 from cogvx_train.vae.context_parallel import ClipShare, new_context_parallel_group, temporal_context_parallel
 from cogvx_train.vae.discriminator import build_discriminator
+from cogvx_train.vae.latent_scale import LatentMoments
 from cogvx_train.vae.losses import SHARED_TERMS, VAELoss, VAELossConfig
 from cogvx_train.vae.metrics import reconstruction_metrics
 
@@ -80,7 +81,8 @@ class VAETrainingModule(pl.LightningModule):
                  loss: VAELossConfig | dict[str, Any] | None = None, optim: OptimConfig | dict[str, Any] | None = None,
                  max_steps: int | None = None, ema_decay: float | None = None, ema_start_step: int = 0,
                  samples_dir: str | None = None, num_val_videos: int = 2, val_fps: float = 8.0,
-                 gradient_checkpointing: bool = False, context_parallel_size: int = 1):
+                 gradient_checkpointing: bool = False, context_parallel_size: int = 1,
+                 measure_scaling_factor: bool = False):
         super().__init__()
         from cogvx_train.vae import build_vae  # the model package; imported here so losses stay importable alone
 
@@ -97,7 +99,7 @@ class VAETrainingModule(pl.LightningModule):
             "optim": self.optim_cfg.to_dict(), "max_steps": max_steps, "ema_decay": ema_decay,
             "ema_start_step": ema_start_step, "samples_dir": samples_dir, "num_val_videos": num_val_videos,
             "val_fps": val_fps, "gradient_checkpointing": gradient_checkpointing,
-            "context_parallel_size": context_parallel_size,
+            "context_parallel_size": context_parallel_size, "measure_scaling_factor": measure_scaling_factor,
         })
         self.automatic_optimization = False
         self.vae = build_vae(vae_size, **(vae_overrides or {}))
@@ -111,6 +113,7 @@ class VAETrainingModule(pl.LightningModule):
         self.context_parallel_size = context_parallel_size
         self._cp_group = None  # made on first use, when the process group exists
         self._default_samples_dir: Path | None = None  # samples_dir: under the trainer's log_dir
+        self.latent_moments = LatentMoments()
 
     # ---- context parallelism -------------------------------------------------------------------------------------
 
@@ -265,18 +268,43 @@ class VAETrainingModule(pl.LightningModule):
         return nullcontext(self.vae)
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, posterior_out: list | None = None) -> torch.Tensor:
         """Deterministic reconstruction (posterior mode) of whole clips with the eval weights. Under context
-        parallelism every rank of a group passes the same clips, runs its slice, and gets the whole x_hat back."""
+        parallelism every rank of a group passes the same clips, runs its slice, and gets the whole x_hat back.
+        ``posterior_out`` (a list) receives q(z|x) of this rank's latent frames."""
         share = self.clip_share(x.shape[2])
         with self.eval_weights(), self._context_parallel(share):
-            x_hat, _ = self.vae(share.local(x), sample_posterior=False)
+            x_hat, posterior = self.vae(share.local(x), sample_posterior=False)
+        if posterior_out is not None:
+            posterior_out.append(posterior)
         return share.gather(x_hat)
+
+    def on_validation_epoch_start(self) -> None:
+        self.latent_moments.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        """Latent statistics of the held-out clips (the distribution the DiT will be trained on) and, with
+        ``measure_scaling_factor``, the VAE's scaling factor set to 1 / their std (see LatentMoments)."""
+        mean, std = self.latent_moments.reduce(self.trainer.strategy)
+        if std is None:
+            return
+        self.log("val/latent_mean", mean, on_step=False, on_epoch=True)
+        self.log("val/latent_std", std, on_step=False, on_epoch=True)
+        if self.hparams.measure_scaling_factor and std > 0:
+            self.set_scaling_factor(1.0 / std)
+            self.log("val/scaling_factor", self.vae.scaling_factor, on_step=False, on_epoch=True)
+
+    def set_scaling_factor(self, value: float) -> None:
+        from dataclasses import replace
+
+        self.vae.config = replace(self.vae.config, scaling_factor=float(value))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         x = batch["video"]
         num_real = batch.get("num_real_frames")
-        x_hat = self.reconstruct(x)
+        posteriors: list = []
+        x_hat = self.reconstruct(x, posteriors)
+        self.latent_moments.add(posteriors[0])
         metrics = reconstruction_metrics(x, x_hat, num_real, perceptual=self.loss.perceptual)
         for name, per_clip in metrics.items():
             per_clip = per_clip[torch.isfinite(per_clip)]  # flicker is undefined for clips with < 2 real frames
@@ -318,6 +346,7 @@ class VAETrainingModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["vae_generator_step"] = self.generator_step
+        checkpoint["vae_scaling_factor"] = self.vae.scaling_factor  # measured ones change during training
         if self.ema is not None:
             checkpoint["vae_ema"] = self.ema.state_dict()
         # LPIPS is a fixed instrument loaded from its own files: keep it out of the checkpoint
@@ -331,6 +360,8 @@ class VAETrainingModule(pl.LightningModule):
             self.generator_step = saved_step  # resume / load: Lightning restores global_step to the same value
         # else: a mid-run roll-back of the weights (the non-finite guard); the step count goes on, as the
         # trainer's global_step and the lr schedulers do
+        if self.hparams.measure_scaling_factor and "vae_scaling_factor" in checkpoint:
+            self.set_scaling_factor(checkpoint["vae_scaling_factor"])
         if self.ema is not None:
             if "vae_ema" in checkpoint:
                 self.ema.load_state_dict(checkpoint["vae_ema"])

@@ -26,7 +26,8 @@ def trained(tmp_path_factory):
 
 def test_validation_logs_every_metric(trained):
     *_, metrics = trained
-    assert set(metrics) == {"val/psnr", "val/ssim", "val/lpips", "val/flicker", "val/temporal_error"}
+    assert set(metrics) == {"val/psnr", "val/ssim", "val/lpips", "val/flicker", "val/temporal_error",
+                            "val/latent_mean", "val/latent_std"}  # no val/scaling_factor: not measured here
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert 0 < metrics["val/psnr"] < 100 and -1 <= metrics["val/ssim"] <= 1 and metrics["val/lpips"] > 0
 
@@ -90,7 +91,7 @@ def test_image_batches_train_and_validate_without_flicker(tmp_path):
     assert trainer.callback_metrics["train/gan_active"] == 1.0
     assert torch.isfinite(trainer.callback_metrics["train/d_loss"])
     metrics = trainer.validate(module, loader(num_clips=2, frames=1, batch_size=2), verbose=False)[0]
-    assert set(metrics) == {"val/psnr", "val/ssim", "val/lpips"}
+    assert set(metrics) == {"val/psnr", "val/ssim", "val/lpips", "val/latent_mean", "val/latent_std"}
     assert (tmp_path / "samples" / "recon_step0000002.mp4").is_file()
 
 
@@ -136,3 +137,39 @@ def test_fresh_run_validates_at_step_zero_with_untrained_weights(tmp_path):
     psnr_rows = [r for r in read_metrics(tmp_path) if "val/psnr" in r]
     assert [int(r["step"]) for r in psnr_rows] == [0, 1]  # logged at step 0, and after the last step
     assert (tmp_path / "samples" / "recon_step0000000.mp4").is_file()
+
+
+def test_measured_scaling_factor_is_one_over_the_latent_std_and_goes_with_checkpoints_and_export(tmp_path):
+    """model.vae.scaling_factor: null -> the VAE's factor is 1 / std of the posterior over the val clips (EMA
+    weights), and the checkpoint, a resume, the DiT's frozen VAE and the diffusers export all carry it."""
+    from cogvx_train.dit.frozen_encoders import load_frozen_vae
+
+    module = make_module(disc_start=1, max_steps=2, ema_decay=0.5, measure_scaling_factor=True)
+    default = module.vae.scaling_factor
+    trainer = make_trainer(tmp_path, 2, limit_val_batches=1.0)
+    trainer.fit(module, loader(num_clips=2))
+    val = loader(num_clips=3, batch_size=2)
+    metrics = trainer.validate(module, val, verbose=False)[0]
+
+    with torch.no_grad(), module.ema.swapped_into(module.vae):  # by hand: every val clip's posterior
+        posteriors = [module.vae.encode(val.dataset[i]["video"][None]) for i in range(3)]
+    mean = torch.cat([p.mean.flatten() for p in posteriors]).double()
+    second = torch.cat([(p.mean.square() + p.var).flatten() for p in posteriors]).double()
+    std = (second.mean() - mean.mean().square()).sqrt().item()
+    assert metrics["val/latent_std"] == pytest.approx(std, rel=1e-5)
+    assert metrics["val/latent_mean"] == pytest.approx(mean.mean().item(), rel=1e-5, abs=1e-7)
+    assert module.vae.scaling_factor == pytest.approx(1 / std, rel=1e-9) != pytest.approx(default)
+    assert metrics["val/scaling_factor"] == pytest.approx(module.vae.scaling_factor, rel=1e-6)
+
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = make_module(disc_start=1, max_steps=2, ema_decay=0.5, measure_scaling_factor=True)
+    resumed.on_load_checkpoint(torch.load(ckpt, map_location="cpu", weights_only=False))
+    assert resumed.vae.scaling_factor == module.vae.scaling_factor
+    frozen = load_frozen_vae({"size": "tiny", "weights": str(ckpt), "scaling_factor": None})
+    assert frozen.scaling_factor == module.vae.scaling_factor
+    assert load_diffusers_vae(module.export(str(tmp_path / "export"))).scaling_factor == module.vae.scaling_factor
+
+    fixed = make_module(disc_start=1, max_steps=2, vae_overrides={"scaling_factor": 0.5})  # a number stays put
+    make_trainer(tmp_path / "fixed", 1, limit_val_batches=1.0).validate(fixed, val, verbose=False)
+    assert fixed.vae.scaling_factor == 0.5
