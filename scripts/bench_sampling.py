@@ -26,30 +26,29 @@ FRAMES, HEIGHT, WIDTH, SCALE, SNR_SHIFT, TEXT = 9, 64, 64, 6.0, 3.0, 8
 
 
 def build(tmp: Path):
-    """Our tiny DiT + VAE with every weight random (adaLN-zero would make the DiT the identity) and the pipeline
-    holding the same weights."""
+    """Our tiny DiT + VAE with every weight random (adaLN-zero would make the DiT the identity), and the pipeline
+    assembled from what `export_pipeline` (the end-of-training export) writes for them."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
-    from cogvx_train.dit import build_dit, export_diffusers_transformer
-    from cogvx_train.vae import build_vae, export_diffusers_vae
+    from cogvx_train.dit import build_dit
+    from cogvx_train.dit.pipeline_export import export_pipeline
+    from cogvx_train.dit.training_config import DiffusionConfig
+    from cogvx_train.vae import build_vae
 
     torch.manual_seed(0)
     dit = build_dit("tiny", positions="rope3d", sample_height=HEIGHT // 8, sample_width=WIDTH // 8,
                     sample_frames=(FRAMES - 1) // 4 + 1, max_text_tokens=TEXT).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, p in dit.named_parameters():
-            gain = p.ndim == 1 and name.endswith("weight")
+        for p in dit.parameters():  # gains around 1 (LayerNorm, q/k norm), everything else small
+            gain = p.ndim == 1 and torch.all(p == 1)
             p.copy_(torch.randn(p.shape, generator=g) * (0.2 if gain else 0.05) + (1.0 if gain else 0.0))
     vae = build_vae("tiny", scaling_factor=0.7).eval()
-    pipe = CogVideoXPipeline(
-        tokenizer=None, text_encoder=None,
-        vae=AutoencoderKLCogVideoX.from_pretrained(export_diffusers_vae(vae, tmp / "vae")).eval(),
-        transformer=CogVideoXTransformer3DModel.from_pretrained(
-            export_diffusers_transformer(dit, tmp / "transformer")).eval(),
-        scheduler=CogVideoXDDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=True,
-                                         prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                         snr_shift_scale=SNR_SHIFT, timestep_spacing="trailing"))
+    out = export_pipeline(dit, vae, DiffusionConfig(snr_shift=SNR_SHIFT), tmp / "pipeline")
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None,
+                             vae=AutoencoderKLCogVideoX.from_pretrained(out / "vae").eval(),
+                             transformer=CogVideoXTransformer3DModel.from_pretrained(out / "transformer").eval(),
+                             scheduler=CogVideoXDDIMScheduler.from_pretrained(out / "scheduler"))
     pipe.set_progress_bar_config(disable=True)
     return dit, vae, pipe
 
