@@ -182,6 +182,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if not t.get("fast_dev_run"):
         _positive(cfg, "trainer.max_steps", errors, integer=True)
     _choice(cfg, "trainer.strategy", STRATEGIES, errors)
+    wrap = OmegaConf.select(cfg, "trainer.wrap_blocks")
+    if wrap is not None and not isinstance(wrap, bool):
+        errors.append(f"trainer.wrap_blocks={wrap!r} must be true (one FSDP unit per transformer block) or false "
+                      "(the whole model one unit).")
     accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
     if accumulate is not None:  # a trainer config of your own may leave it out (= 1)
         _positive(cfg, "trainer.accumulate_grad_batches", errors, integer=True)

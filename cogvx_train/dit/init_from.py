@@ -1,8 +1,9 @@
 """init_from: start a DiT run from another run's weights, the step between training stages (B1 -> B2 -> B3 -> B4).
 
-Sources: a dit run directory (its checkpoints/last.ckpt), a .ckpt file or DeepSpeed ZeRO checkpoint directory (the
-EMA when present), a cogvx export (transformer/dit_config.json) or a diffusers CogVideoXTransformer3DModel
-directory. Only the transformer's weights are taken; optimizer, step and data start fresh.
+Sources: a dit run directory (its checkpoints/last.ckpt), a .ckpt file, a DeepSpeed ZeRO or FSDP sharded checkpoint
+directory (the EMA when present; the shards are merged by cogvx_train.train.consolidate, without DeepSpeed and at any
+world size), a cogvx export (transformer/dit_config.json) or a diffusers CogVideoXTransformer3DModel directory. Only
+the transformer's weights are taken; optimizer, step and data start fresh.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def resolve_dit_checkpoint(path: str | Path) -> tuple[str, Path]:
                 return "diffusers", folder
     elif p.is_file():
         return "ckpt", p
-    raise ValueError(f"{str(p)!r} is not a dit run directory (checkpoints/last.ckpt), a .ckpt file, or a diffusers "
-                     "CogVideoXTransformer3DModel / cogvx export directory.")
+    raise ValueError(f"{str(p)!r} is not a dit run directory (checkpoints/last.ckpt), a .ckpt file or sharded "
+                     "(DeepSpeed, FSDP) checkpoint directory, or a diffusers CogVideoXTransformer3DModel / cogvx "
+                     "export directory.")
 
 
 def dit_weights_from(path: str | Path, use_ema: bool = True) -> tuple[dict[str, Tensor], str]:
@@ -48,6 +50,9 @@ def dit_weights_from(path: str | Path, use_ema: bool = True) -> tuple[dict[str, 
 
     if consolidate.is_deepspeed_checkpoint(Path(path)):  # a ZeRO directory: merge the shards, no DeepSpeed needed
         return weights_from_checkpoint(consolidate.load_full_training_state(path).lightning_checkpoint(), path, use_ema)
+    fsdp = consolidate.fsdp_checkpoint_dir(path)
+    if fsdp is not None:  # torch's distributed checkpoint (trainer=fsdp): read whole in this process
+        return weights_from_checkpoint(consolidate.read_fsdp_checkpoint(fsdp).lightning_checkpoint(), fsdp, use_ema)
     kind, where = resolve_dit_checkpoint(path)
     if kind == "diffusers":
         return load_diffusers_transformer(where, dtype=torch.float32).state_dict(), f"diffusers {where}"

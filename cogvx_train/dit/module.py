@@ -244,10 +244,13 @@ class DiTTrainingModule(pl.LightningModule):
                                           step=self.global_step)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad.detach().float().norm() for p in self.dit.parameters() if p.grad is not None]
-        if grads:  # DeepSpeed keeps its own (partitioned) gradients: nothing to read here
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(grads)), on_step=True, on_epoch=False,
-                     batch_size=1)
+        from cogvx_train.train.strategies import gradient_norm
+
+        # over all ranks' shards under FSDP (every rank takes part); None under DeepSpeed, whose engine keeps its own
+        # partitioned gradients
+        norm = gradient_norm(self.dit.parameters(), self.trainer.strategy if self._trainer is not None else None)
+        if norm is not None:
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False, batch_size=1)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.optim_cfg.grad_clip

@@ -53,7 +53,7 @@ class EMA:
         self.warmup = bool(warmup)
         self.num_updates = 0
         # the averaged weights, kept as references: a ZeRO-3 engine partitions these same objects in place later
-        self._params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self._params = _trainable(model)
         self.shadow: dict[str, torch.Tensor] = {name: _local_copy(p) for name, p in self._params.items()}
         # which optimizer steps this EMA's weights: the one that holds these parameter objects
         self._param_ids = frozenset(id(p) for p in self._params.values())
@@ -72,7 +72,7 @@ class EMA:
         return shadow
 
     def _named(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        params = _trainable(model)
         self._check_names(params)
         return params
 
@@ -193,6 +193,12 @@ class EMA:
                              f"{here_rank} of {here_world}; a ZeRO-3 run resumes at the world size that wrote it "
                              "(or convert the checkpoint and start with init_from=).")
         return t
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters of `model` by name; FSDP units inside it (one per block, trainer.wrap_blocks) add a
+    `_fsdp_wrapped_module.` level to the names, which is not part of the model's own."""
+    return {name.replace("_fsdp_wrapped_module.", ""): p for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _local_copy(p: torch.Tensor) -> torch.Tensor:

@@ -28,9 +28,14 @@ all-reduces the global gradient norm, and a non-finite norm (NaN/inf in any rank
 every rank and counts it in `engine.skipped_steps`, at fp32 too (tests/scale/test_deepspeed_nonfinite.py). The
 helpers at the end of this file read and rewrite those slices for the EMA (`cogvx_train.train.ema`) and the export.
 
-FSDP (`trainer=fsdp`: torch's FullyShardedDataParallel, FULL_SHARD, the whole LightningModule one unit,
-`use_orig_params`, Lightning's sharded checkpoints) gets `FSDPWithCPUStrategy`, Lightning's FSDPStrategy plus:
+FSDP (`trainer=fsdp`: torch's FullyShardedDataParallel, FULL_SHARD, `use_orig_params`, Lightning's sharded
+checkpoints) gets `FSDPWithCPUStrategy`, Lightning's FSDPStrategy plus:
 
+* One unit per transformer block (`trainer.wrap_blocks`, on by default): the classes the model names in its
+  `no_split_modules` (ExpertBlock) are wrapped as FSDP units of their own, so a block's weights are gathered just
+  before it runs and freed after it, and only the rest (embeddings, output head) lives in the root unit; off, the
+  whole LightningModule is one unit and all weights are gathered at once. The names of checkpoints and of the EMA
+  are the model's own either way (FSDP's state dict and `EMA` drop the `_fsdp_wrapped_module.` level the units add).
 * CPU runs. Lightning's accelerator connector refuses FSDPStrategy itself (exactly that class) with any accelerator
   but CUDA, and the strategy hands torch `device_id=root_device.index`, None on the CPU, from which torch infers an
   accelerator and finds none ("FSDP needs a non-CPU accelerator device"). A subclass passes the connector; on a CPU
@@ -38,16 +43,23 @@ FSDP (`trainer=fsdp`: torch's FullyShardedDataParallel, FULL_SHARD, the whole Li
 * What the modules assume of their parameters. Outside the root's forward each parameter is this rank's flat 1-D
   piece of it (empty when its shard holds none). So `configure_optimizers` runs inside `summon_full_params`
   (whole shapes choose the weight-decay groups); norm clipping takes the norm over all ranks' shards (the root's
-  `clip_grad_norm_`; Lightning's FSDPPrecision refuses norm clipping for want of the root); a direct call of a
-  child module without gradients (validation sampling) and each validation step run inside `summon_full_params`.
+  `clip_grad_norm_`; Lightning's FSDPPrecision refuses norm clipping for want of the root), and so does the logged
+  `train/grad_norm` (`gradient_norm`); a direct call of a child module without gradients (validation sampling) and
+  each validation step run inside `summon_full_params` of the root unit (the block units gather their own weights
+  in their forward, as in training).
 * The EMA (`cogvx_train.train.ema`) lives in the parameters' sharded layout: each rank averages its own pieces
   (its update is element-wise), exactly as a whole EMA would. It goes into checkpoints whole (meta.pt is written by
-  rank 0 alone, so it is gathered first), is cut into pieces again on load (resume and roll-back, same world
-  size), and the weights and the EMA are made whole on every rank at the end of training, for the export.
+  rank 0 alone, so it is gathered first), is cut into pieces again on load (resume and roll-back), and the weights
+  and the EMA are made whole on every rank at the end of training, and the block units unwrapped, for the export.
   Gathering and cutting use FSDP itself (`fsdp_whole_tensors`, `fsdp_local_pieces`).
+* Resume at another world size: torch's distributed checkpoint reads the weights and Adam's state saved by any
+  number of ranks into this run's shards (with one rank, torch's FSDP holds whole tensors), and the EMA is whole
+  in the checkpoint. Saves are atomic like DeepSpeed's (`save_directory_atomically`), so a directory rewritten at
+  another world size holds no stale shard.
 Modules with manual optimization (the VAE stages) are refused: they toggle `requires_grad` inside the forward,
 where FSDP's parameters are views. The weight sync check skips FSDP (sharded by design); tests/scale/test_fsdp_cpu.py
-shows 2 CPU ranks train, validate and sample exactly as DDP does.
+shows 2 CPU ranks train, validate and sample exactly as DDP does, tests/scale/test_resume_world_size.py that a run
+of 2 ranks continues on 1 exactly as a DDP run does.
 
 Gradient clipping under DeepSpeed happens inside the engine (`gradient_clipping` in its config): the
 LightningModule's `configure_gradient_clipping` is a no-op there, so `build_strategy(gradient_clip_val=...)` puts
@@ -60,6 +72,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -86,7 +99,7 @@ def build_strategy(t: DictConfig, find_unused_parameters: bool = False, gradient
         return DDPStrategy(find_unused_parameters=find_unused_parameters, timeout=TIMEOUT)
     if name == "fsdp":
         return FSDPWithCPUStrategy(sharding_strategy="FULL_SHARD", state_dict_type="sharded", use_orig_params=True,
-                                 timeout=TIMEOUT)
+                                   wrap_blocks=bool(t.get("wrap_blocks", True)), timeout=TIMEOUT)
     if name.startswith("deepspeed_zero"):
         return CogvxDeepSpeedStrategy(stage=int(name[-1]), offload_optimizer=bool(t.get("offload_optimizer", False)),
                                       offload_parameters=bool(t.get("offload_parameters", False)),
@@ -143,6 +156,24 @@ def swap_in_directory(tmp: Path, target: Path) -> None:
         os.close(fd)
     if old.exists():
         shutil.rmtree(old)
+
+
+def save_directory_atomically(strategy, filepath, write) -> None:
+    """A sharded checkpoint directory that a kill cannot leave half-written: every rank `write`s its part into
+    `<filepath>.tmp`, fsyncs it and meets the others at a barrier; only then rank 0 swaps the finished directory
+    in (`swap_in_directory`). A save at another world size than the last one leaves no shard of it behind."""
+    target = Path(strategy.broadcast(str(filepath)))
+    tmp = target.with_name(target.name + ".tmp")
+    if strategy.is_global_zero and tmp.exists():
+        shutil.rmtree(tmp)  # left over from a save that was killed
+    strategy.barrier("cogvx_save_start")
+    write(tmp)
+    if tmp.exists():
+        _fsync_tree(tmp)
+    strategy.barrier("cogvx_save_written")
+    if strategy.is_global_zero:
+        swap_in_directory(tmp, target)
+    strategy.barrier("cogvx_save_done")
 
 
 def recover_checkpoint_dir(target: Path) -> Path:
@@ -225,18 +256,8 @@ class CogvxDeepSpeedStrategy(DeepSpeedStrategy):
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         """Every rank writes its shards into `<filepath>.tmp`; after all have written and fsynced, rank 0 swaps the
         directory in. A kill at any moment leaves the previous checkpoint loadable."""
-        target = Path(self.broadcast(str(filepath)))
-        tmp = target.with_name(target.name + ".tmp")
-        if self.is_global_zero and tmp.exists():
-            shutil.rmtree(tmp)  # left over from a save that was killed
-        self.barrier("cogvx_ds_save_start")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        if tmp.exists():
-            _fsync_tree(tmp)
-        self.barrier("cogvx_ds_save_written")
-        if self.is_global_zero:
-            swap_in_directory(tmp, target)
-        self.barrier("cogvx_ds_save_done")
+        save_directory_atomically(self, filepath, lambda tmp: super(CogvxDeepSpeedStrategy, self).save_checkpoint(
+            checkpoint, tmp, storage_options))
 
     # ----------------------------------------------------------------------------------------- resume
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
@@ -266,7 +287,20 @@ class FSDPWithCPUStrategy(FSDPStrategy):
 
     strategy_name = "cogvx_fsdp"
 
+    def __init__(self, *args: Any, wrap_blocks: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.wrap_blocks = bool(wrap_blocks)
+
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.wrap_blocks and "auto_wrap_policy" not in self.kwargs:
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+            blocks = block_classes(model)
+            if blocks:
+                self.kwargs["auto_wrap_policy"] = ModuleWrapPolicy(blocks)
+            else:
+                log.warning("trainer.wrap_blocks: the model names no block classes (no_split_modules); FSDP wraps "
+                            "it as one unit")
         if not _on_cpu(self):
             return super()._setup_model(model)
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -294,7 +328,7 @@ class FSDPWithCPUStrategy(FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with self.precision_plugin.val_step_context(), \
-                FullyShardedDataParallel.summon_full_params(self.model, writeback=False):
+                FullyShardedDataParallel.summon_full_params(self.model, writeback=False, recurse=False):
             return self.lightning_module.validation_step(*args, **kwargs)
 
     # -------------------------------------------------------------------------------- the EMA's layout
@@ -303,6 +337,10 @@ class FSDPWithCPUStrategy(FSDPStrategy):
             raise ValueError("trainer=fsdp trains modules with automatic optimization (the DiT stages); the VAE "
                              "stages step their generator and discriminator themselves: use trainer=ddp there.")
         super().setup(trainer)
+        if self.is_global_zero:
+            kinds = Counter(type(unit.module).__name__ for unit in inner_units(self.lightning_module))
+            log.info("FSDP units: the root and %d inner (%s)", sum(kinds.values()),
+                     ", ".join(f"{n} x{k}" for n, k in sorted(kinds.items())) or "the whole model is one unit")
         plugin = self.precision_plugin
         self.precision_plugin = FSDPNormClipping(plugin.precision, plugin.scaler, root=lambda: self.model)
         self._alone_hooks = [hook for child in self.lightning_module.children() if any(True for _ in child.parameters())
@@ -330,14 +368,20 @@ class FSDPWithCPUStrategy(FSDPStrategy):
 
     def save_checkpoint(self, checkpoint: dict, filepath, storage_options: Any | None = None) -> None:
         """Rank 0 alone writes the non-tensor part (meta.pt): every EMA goes into it whole, gathered from all ranks
-        (each holds the pieces of its own shard)."""
+        (each holds the pieces of its own shard). The directory is swapped in whole (`save_directory_atomically`)."""
         for ema, key in self._ema_states(checkpoint):
             whole = fsdp_whole_tensors(self.model, ema_parameters(ema), checkpoint[key]["shadow"])
             checkpoint[key] = {**checkpoint[key], "shadow": {n: t.cpu() for n, t in whole.items()}}
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        save_directory_atomically(self, filepath, lambda tmp: super(FSDPWithCPUStrategy, self).save_checkpoint(
+            checkpoint, tmp, storage_options))
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        """The saved EMAs are whole; each rank keeps its pieces (resume, and the non-finite guard's roll-back)."""
+        """The saved EMAs are whole; each rank keeps its pieces (resume, and the non-finite guard's roll-back).
+        Torch's distributed checkpoint reads any world size's shards into this one's (resume at another world
+        size; tests/scale/test_resume_world_size.py)."""
+        if self.is_global_zero:
+            recover_checkpoint_dir(Path(checkpoint_path))
+        self.barrier("cogvx_fsdp_load_recover")
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only)
         for ema, key in self._ema_states(checkpoint):
             pieces = fsdp_local_pieces(self.model, ema_parameters(ema), checkpoint[key]["shadow"])
@@ -357,21 +401,52 @@ class FSDPWithCPUStrategy(FSDPStrategy):
         with torch.no_grad():
             for name, p in params.items():
                 p.data = whole[name].to(p.dtype)
+        unwrap_inner_units(self.lightning_module)
+
+
+def block_classes(model: torch.nn.Module) -> set[type]:
+    """The module classes FSDP makes units of their own (`trainer.wrap_blocks`): those that `model` or a module in
+    it names in its `no_split_modules` (the DiT: ExpertBlock, which must hold its whole weights while it runs)."""
+    names = {name for m in model.modules() for name in getattr(m, "no_split_modules", ())}
+    return {type(m) for m in model.modules() if type(m).__name__ in names}
+
+
+def inner_units(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP units inside `module` (the LightningModule the root wraps): one per block with wrap_blocks."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return [m for m in module.modules() if isinstance(m, FullyShardedDataParallel)]
+
+
+def unwrap_inner_units(module: torch.nn.Module) -> None:
+    """Put every module an inner FSDP unit wraps back in the unit's place, once the parameters are whole again
+    (the end of training): what runs after fit on rank 0 alone (the export) must not reach FSDP, whose state_dict
+    and forward are collectives, and sees the model's own module tree and names."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            while isinstance(child, FullyShardedDataParallel):
+                child = child.module
+            if child is not getattr(parent, name):
+                setattr(parent, name, child)
 
 
 def summon_when_called_alone(root, module: torch.nn.Module) -> list:
     """Let `module` (a part of the wrapped LightningModule) run on its own, outside the root's forward, as
-    validation sampling and the like call it: FSDP gathers the whole parameters only inside the root's forward, so
-    such a call (without gradients) runs inside `summon_full_params` instead, every rank together. Whatever this
-    rank's pieces hold then (the live weights, or an EMA swapped into them) is what the module computes with.
-    Returns the hook handles."""
+    validation sampling and the like call it: FSDP gathers the root unit's parameters only inside the root's
+    forward, so such a call (without gradients) runs inside `summon_full_params` of the root unit instead, every
+    rank together; inner units (the blocks, with wrap_blocks) gather their own in their forward as in training.
+    Whatever this rank's pieces hold then (the live weights, or an EMA swapped into them) is what the module
+    computes with. Returns the hook handles."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     open_contexts: list = []
 
     def enter(_module, _args) -> None:
         alone = not torch.is_grad_enabled() and root.training_state.name == "IDLE"
-        context = FullyShardedDataParallel.summon_full_params(root, writeback=False) if alone else None
+        context = (FullyShardedDataParallel.summon_full_params(root, writeback=False, recurse=False) if alone
+                   else None)
         if context is not None:
             context.__enter__()
         open_contexts.append(context)
@@ -429,6 +504,24 @@ def fsdp_local_pieces(root, params: dict[str, torch.Tensor], whole: dict[str, to
         for name, p in params.items():
             p.copy_(live[name])
     return pieces
+
+
+def gradient_norm(parameters, strategy=None) -> torch.Tensor | None:
+    """The global L2 norm of the gradients of `parameters` as the optimizer is about to apply them; None when no
+    gradient is held here (DeepSpeed keeps its own partitioned ones, or every gradient was dropped). Under FSDP each
+    rank holds the flat pieces of its shard of every gradient (none of some): the squares are summed over the ranks
+    (a collective, every rank calls it); otherwise (DDP, one device) the gradients are whole on every rank."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not isinstance(strategy, FSDPStrategy):
+        return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else None
+    import torch.distributed as dist
+
+    device = grads[0].device if grads else strategy.root_device
+    held = torch.stack([torch.zeros((), device=device), torch.tensor(float(len(grads)), device=device)])
+    for g in grads:
+        held[0] += g.float().square().sum()
+    dist.all_reduce(held, op=dist.ReduceOp.SUM)
+    return held[0].sqrt() if held[1] > 0 else None
 
 
 class FSDPNormClipping(FSDPPrecision):

@@ -1,9 +1,10 @@
 """FSDP for real on the CPU: `trainer=fsdp` with two torchrun ranks (gloo, torch's FullyShardedDataParallel with
-FULL_SHARD, fp32) trains the tiny DiT through the `cogvx-train` CLI. Sharding must not change the training: after
-the same steps the weights and the EMA equal those of a DDP run of the same seed (norm clipping active, so a
-per-shard clip would show), the weight-decay groups are the DDP ones, the checkpoint is torch's sharded
-distributed checkpoint, the EMA keeps its exact recurrence across a resume, and `cogvx-convert` (no DeepSpeed)
-and the run's export both give whole tensors."""
+FULL_SHARD, fp32, one unit per transformer block) trains the tiny DiT through the `cogvx-train` CLI. Sharding must
+not change the training: after the same steps the weights and the EMA equal those of a DDP run of the same seed
+(norm clipping active, so a per-shard clip would show), so does the logged gradient norm (a per-shard norm would
+be smaller), the weight-decay groups are the DDP ones, the checkpoint is torch's sharded distributed checkpoint,
+the EMA keeps its exact recurrence across a resume, `init_from=` reads the sharded checkpoint's EMA directly, and
+`cogvx-convert` (no DeepSpeed) and the run's export both give whole tensors."""
 
 from __future__ import annotations
 
@@ -12,14 +13,37 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from scale_helpers import (TINY_DIT, consolidate_without_deepspeed, env_for, free_port, launch, run_dir, sync_digests,
-                           torchrun)
+from scale_helpers import (TINY_DIT, consolidate_without_deepspeed, env_for, free_port, init_from_without_deepspeed,
+                           launch, run_dir, sync_digests, torchrun)
 
 from cogvx_train.train.consolidate import read_fsdp_checkpoint, read_lightning_checkpoint
 
-# the gradients of the tiny DiT have norms around 1e-3: this clip scales every step (and by a different factor
+# the gradients of the tiny DiT have norms around 0.2: this clip scales every step (and by a different factor
 # per rank's shard if the norm were taken per shard, which moves the weights by ~1e-4 after two Adam steps)
 CLIP = "optim.grad_clip=0.0001"
+
+
+def test_fsdp_wraps_each_transformer_block_unless_switched_off(cache_dir):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from cogvx_train.config import ConfigError, resolvers
+    from cogvx_train.config.validate import validate
+    from cogvx_train.dit import build_dit
+    from cogvx_train.dit.transformer import ExpertBlock
+    from cogvx_train.train.strategies import block_classes, build_strategy
+
+    resolvers.register()
+    with initialize_config_module(config_module="cogvx_train.conf", version_base="1.3"):
+        configs = {extra: compose(config_name="train", overrides=["stage=dit_b1", "experiment=demo", "trainer=fsdp",
+                                                                   *([extra] if extra else [])])
+                   for extra in ("", "trainer.wrap_blocks=false", "trainer.wrap_blocks=maybe")}
+    assert build_strategy(configs[""].trainer).wrap_blocks  # on by default
+    assert not build_strategy(configs["trainer.wrap_blocks=false"].trainer).wrap_blocks
+    with pytest.raises(ConfigError, match="trainer.wrap_blocks='maybe' must be true"):
+        validate(configs["trainer.wrap_blocks=maybe"], 2)
+    assert block_classes(build_dit("tiny")) == {ExpertBlock}
+    assert OmegaConf.select(configs[""], "trainer.wrap_blocks") is True
 
 
 @pytest.mark.distributed
@@ -34,6 +58,7 @@ def test_fsdp_two_ranks_train_like_ddp_resume_and_convert(tmp_path, cache_dir, t
     fsdp_log = launch([torchrun(2, free_port(), [*args, "trainer=fsdp", "trainer.max_steps=2"])],
                       env_for(cache_dir, fsdp_out), tmp_path)[0]
     assert "weight sync check skipped: FSDPWithCPUStrategy shards parameters" in fsdp_log, fsdp_log[-3000:]
+    assert "FSDP units: the root and 2 inner (ExpertBlock x2)" in fsdp_log  # the tiny DiT's 2 blocks, one unit each
     ddp_log = launch([torchrun(2, free_port(), [*args, "trainer=ddp", "trainer.max_steps=2"])],
                      env_for(cache_dir, ddp_out), tmp_path)[0]
     assert all(d[0] == d[1] for d in sync_digests(ddp_log).values())
@@ -52,6 +77,7 @@ def test_fsdp_two_ranks_train_like_ddp_resume_and_convert(tmp_path, cache_dir, t
     ddp = read_lightning_checkpoint(run_dir(ddp_out) / "checkpoints" / "step-00000002.ckpt")
     assert fsdp.world_size == 2 and fsdp.step == 2 and fsdp.client_state["global_step"] == 2
     assert fsdp.weights.keys() == ddp.weights.keys()
+    assert len({n.split(".")[2] for n in fsdp.weights if n.startswith("dit.transformer_blocks.")}) == 2
     for name, value in ddp.weights.items():
         assert value.shape == fsdp.weights[name].shape
         torch.testing.assert_close(fsdp.weights[name], value, rtol=0, atol=1e-6, msg=name)
@@ -70,7 +96,22 @@ def test_fsdp_two_ranks_train_like_ddp_resume_and_convert(tmp_path, cache_dir, t
         fsdp_video = _frames(run / "samples" / f"step{step:07d}_0.mp4")
         ddp_video = _frames(run_dir(ddp_out) / "samples" / f"step{step:07d}_0.mp4")
         assert fsdp_video.shape == ddp_video.shape and (fsdp_video - ddp_video).abs().max() <= 1, step
-    assert _val_losses(run) == pytest.approx(_val_losses(run_dir(ddp_out)), rel=1e-5) and len(_val_losses(run)) == 2
+    assert _logged(run, "val/loss") == pytest.approx(_logged(run_dir(ddp_out), "val/loss"), rel=1e-5)
+    assert len(_logged(run, "val/loss")) == 2
+    # the gradient norm over all ranks' shards (logged before clipping), the DDP one at every step
+    assert _logged(run, "train/grad_norm") == pytest.approx(_logged(run_dir(ddp_out), "train/grad_norm"), rel=1e-5)
+    assert sorted(_logged(run, "train/grad_norm")) == [0, 1]
+
+    # init_from=<the run> or <its sharded checkpoint>, in one process without DeepSpeed: the module's weights and
+    # its fresh EMA are the checkpoint's EMA (which differs from its live weights after two steps)
+    described = init_from_without_deepspeed([run, step2], tmp_path / "init_from.pt")
+    assert described == [f"EMA of {run / 'checkpoints' / 'last.ckpt'}", f"EMA of {step2}"]
+    assert any(not torch.equal(fsdp_ema[n], fsdp.weights[n]) for n in fsdp_ema)
+    for source, (weights, ema_shadow) in torch.load(tmp_path / "init_from.pt").items():
+        assert set(weights) == set(ema_shadow) == {n.removeprefix("dit.") for n in fsdp_ema}, source
+        for name, value in fsdp_ema.items():
+            assert torch.equal(weights[name.removeprefix("dit.")], value), (source, name)
+            assert torch.equal(ema_shadow[name.removeprefix("dit.")], value), (source, name)
 
     # the export after fit holds the whole EMA transformer (every rank's pieces gathered)
     from cogvx_train.dit import load_diffusers_transformer
@@ -106,8 +147,9 @@ def _frames(path) -> torch.Tensor:
         return torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]).int()
 
 
-def _val_losses(run) -> list[float]:
+def _logged(run, key: str) -> dict[int, float]:
+    """{step: value} of one metric in the run's metrics.csv."""
     import csv
 
     with open(run / "metrics.csv") as f:
-        return [float(row["val/loss"]) for row in csv.DictReader(f) if row.get("val/loss")]
+        return {int(row["step"]): float(row[key]) for row in csv.DictReader(f) if row.get(key)}

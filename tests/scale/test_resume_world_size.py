@@ -2,7 +2,9 @@
 trainer.devices=1): the step counter, the optimizer (Adam's step), the LR schedule and the data position carry on.
 DDP checkpoints are whole, so Lightning reloads them at any world size; a DeepSpeed ZeRO-2 checkpoint is sharded
 per rank, and the engine refuses other world sizes, so CogvxDeepSpeedStrategy merges the shards (consolidate.py)
-and scatters weights, moments and step into the new partitions."""
+and scatters weights, moments and step into the new partitions. An FSDP checkpoint is torch's distributed
+checkpoint, which reads any world size's shards into the new ones (on one rank torch's FSDP holds whole tensors);
+the EMA is saved whole. The FSDP run continues exactly as the DDP run does."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 from scale_helpers import TINY_DIT, env_for, free_port, launch, run_dir, single, torchrun
 
-from cogvx_train.train.consolidate import read_deepspeed_checkpoint
+from cogvx_train.train.consolidate import read_deepspeed_checkpoint, read_fsdp_checkpoint, read_lightning_checkpoint
 
 
 def train_two_then_one(tmp_path, cache_dir, vae, strategy: list[str]):
@@ -36,10 +38,24 @@ def check_continued(state: dict) -> None:
     assert (position["epoch"], position["consumed"]) == (0, 10)
 
 
+@pytest.fixture(scope="module")
+def ddp_two_then_one(tmp_path_factory, cache_dir, tiny_vae_dir):
+    """(run directory, output of the 1-rank launch) of the DDP run: the reference the FSDP run must match."""
+    return train_two_then_one(tmp_path_factory.mktemp("ddp"), cache_dir, tiny_vae_dir, ["trainer=ddp"])
+
+
+def metric(run, key: str) -> dict[int, float]:
+    """{step: value} of one metric in the run's metrics.csv."""
+    import csv
+
+    with open(run / "metrics.csv") as f:
+        return {int(row["step"]): float(row[key]) for row in csv.DictReader(f) if row.get(key)}
+
+
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
-def test_ddp_run_of_two_ranks_continues_on_one(tmp_path, cache_dir, tiny_vae_dir):
-    run, output = train_two_then_one(tmp_path, cache_dir, tiny_vae_dir, ["trainer=ddp"])
+def test_ddp_run_of_two_ranks_continues_on_one(ddp_two_then_one):
+    run, output = ddp_two_then_one
     assert "allowed change trainer.devices: 2 -> 1" in output
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     check_continued(ckpt)
@@ -61,3 +77,34 @@ def test_deepspeed_zero2_run_of_two_ranks_continues_on_one(tmp_path, cache_dir, 
     assert step4.world_size == 2 and step4.step == 4
     changed = [k for k in step4.weights if not torch.equal(step4.weights[k], full.weights[k])]
     assert len(changed) > len(full.weights) // 2  # and it trained on from there
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_fsdp_run_of_two_ranks_continues_on_one_like_ddp(tmp_path, cache_dir, tiny_vae_dir, ddp_two_then_one):
+    run, output = train_two_then_one(tmp_path, cache_dir, tiny_vae_dir, ["trainer=fsdp"])
+    assert "allowed change trainer.devices: 2 -> 1" in output
+    step4 = read_fsdp_checkpoint(run / "checkpoints" / "step-00000004.ckpt")
+    assert step4.world_size == 2 and step4.step == 4
+    full = read_fsdp_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert full.world_size == 1  # the directory was replaced whole: no shard of the 2-rank save is left in it
+    check_continued(full.client_state)
+    assert full.step == 6 and full.client_state["dit_ema"]["num_updates"] == 6
+
+    # resharded, not restarted: the weights and the EMA after 2 + 1 ranks are the DDP run's (Adam restarted at
+    # step 4 would move the weights differently), and so is the gradient norm logged at every step (over both
+    # ranks' shards, then the one rank's whole gradients)
+    ddp_run = ddp_two_then_one[0]
+    ddp = read_lightning_checkpoint(ddp_run / "checkpoints" / "last.ckpt")
+    assert ddp.client_state["global_step"] == 6
+    assert full.weights.keys() == ddp.weights.keys()
+    for name, value in ddp.weights.items():
+        torch.testing.assert_close(full.weights[name], value, rtol=0, atol=1e-6, msg=name)
+    fsdp_ema, ddp_ema = full.ema_weights(), ddp.ema_weights()
+    assert fsdp_ema.keys() == ddp_ema.keys()
+    for name, value in ddp_ema.items():
+        torch.testing.assert_close(fsdp_ema[name], value, rtol=0, atol=1e-6, msg=name)
+    changed = [k for k in step4.weights if not torch.equal(step4.weights[k], full.weights[k])]
+    assert len(changed) > len(full.weights) // 2  # it trained on from step 4
+    assert metric(run, "train/grad_norm") == pytest.approx(metric(ddp_run, "train/grad_norm"), rel=1e-5)
+    assert sorted(metric(run, "train/grad_norm")) == list(range(6))
