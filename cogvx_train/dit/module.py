@@ -269,7 +269,7 @@ class DiTTrainingModule(pl.LightningModule):
     def on_train_end(self) -> None:
         # ZeRO-3 leaves each rank one slice of every weight and of the EMA, and the export after fit runs on rank 0
         # alone: gather what it exports (the EMA, else the live weights) now, while every rank is still here
-        from cogvx_train.train.strategies import gathered_parameters, is_partitioned
+        from cogvx_train.train.zero import gathered_parameters, is_partitioned
 
         if any(is_partitioned(p) for p in self.dit.parameters()):
             weights = self.ema.full_shadow() if self.ema is not None else {}

@@ -5,7 +5,7 @@ would see it) nor in ``state_dict()`` under the model's names. The LightningModu
 explicitly (``on_save_checkpoint``) and swaps it in for validation and export with :meth:`EMA.swapped_into`.
 
 Under DeepSpeed ZeRO-3 the EMA is sharded like the weights: each rank averages only its own slice of every
-parameter (``p.ds_tensor``, see ``strategies.py``), so the shadow costs 4 bytes per parameter divided by the world
+parameter (``p.ds_tensor``, see ``zero.py``), so the shadow costs 4 bytes per parameter divided by the world
 size, as the fp32 master weights do; a whole shadow per rank would be the full model in fp32 on every rank, the very
 memory ZeRO-3 exists to save, and gathering each weight to update it (deepspeed.zero.GatheredParameters) would add
 an all-gather of the whole model to every step. The update is local instead (the optimizer step left each rank's
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from cogvx_train.train.consolidate import slice_of
-from cogvx_train.train.strategies import (full_shape, gather_persistent, gather_slices, is_partitioned, local_values,
+from cogvx_train.train.zero import (full_shape, gather_persistent, gather_slices, is_partitioned, local_values,
                                           owned_numel, partition_rank_world, release_gathered)
 
 

@@ -218,7 +218,7 @@ def zero_worker(mode: str, folder: str, stage: int = 2) -> None:
     elif mode == "load":
         sys.path.insert(0, str(HERE.parent.parent))
         from cogvx_train.train.consolidate import load_full_training_state
-        from cogvx_train.train.strategies import load_full_state_into_engine
+        from cogvx_train.train.zero import load_full_state_into_engine
 
         full = load_full_training_state(out / "ckpt")
         load_full_state_into_engine(engine, engine.module, full)
@@ -243,7 +243,7 @@ def ema_worker(folder: str) -> None:
     sys.path.insert(0, str(HERE.parent.parent))
     from cogvx_train.train.consolidate import read_deepspeed_checkpoint
     from cogvx_train.train.ema import EMA
-    from cogvx_train.train.strategies import gathered_parameters, local_values, owned_numel
+    from cogvx_train.train.zero import gathered_parameters, local_values, owned_numel
 
     torch.set_num_threads(1)
     out = Path(folder)
@@ -335,7 +335,7 @@ def nonfinite_worker(folder: str, vae_dir: str, stage: int = 2) -> None:
     from cogvx_train.train import factory
     from cogvx_train.train.callbacks import NonFiniteGuard
     from cogvx_train.train.run_dir import RunDirectory
-    from cogvx_train.train.strategies import gathered_parameters
+    from cogvx_train.train.zero import gathered_parameters
 
     class NaNOnOneRank(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

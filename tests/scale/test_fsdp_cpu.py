@@ -31,7 +31,8 @@ def test_fsdp_wraps_each_transformer_block_unless_switched_off(cache_dir):
     from cogvx_train.config.validate import validate
     from cogvx_train.dit import build_dit
     from cogvx_train.dit.transformer import ExpertBlock
-    from cogvx_train.train.strategies import block_classes, build_strategy
+    from cogvx_train.train.fsdp import block_classes
+    from cogvx_train.train.strategies import build_strategy
 
     resolvers.register()
     with initialize_config_module(config_module="cogvx_train.conf", version_base="1.3"):
