@@ -121,9 +121,9 @@ def gradient_norm(parameters, strategy=None) -> torch.Tensor | None:
         return torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])) if grads else None
     import torch.distributed as dist
 
-    device = grads[0].device if grads else strategy.root_device
+    device = strategy.root_device  # the process group's device, wherever the gradients live (CPU offload)
     held = torch.stack([torch.zeros((), device=device), torch.tensor(float(len(grads)), device=device)])
     for g in grads:
-        held[0] += g.float().square().sum()
+        held[0] += g.float().square().sum().to(device)
     dist.all_reduce(held, op=dist.ReduceOp.SUM)
     return held[0].sqrt() if held[1] > 0 else None
