@@ -109,7 +109,8 @@ class FSDPWithCPUStrategy(FSDPStrategy):
             log.info("FSDP units: the root and %d inner (%s)", sum(kinds.values()),
                      ", ".join(f"{n} x{k}" for n, k in sorted(kinds.items())) or "the whole model is one unit")
         plugin = self.precision_plugin
-        self.precision_plugin = FSDPNormClipping(plugin.precision, plugin.scaler, root=lambda: self.model)
+        self.precision_plugin = CogvxFSDPPrecision(plugin.precision, plugin.scaler, root=lambda: self.model,
+                                                   device_type=self.root_device.type)
         self._alone_hooks = [hook for child in self.lightning_module.children() if any(True for _ in child.parameters())
                              for hook in summon_when_called_alone(self.model, child)]
         # the module built its EMA from the whole weights; from now on it lives in their sharded layout
@@ -170,17 +171,20 @@ class FSDPWithCPUStrategy(FSDPStrategy):
                 p.data = whole[name].to(p.dtype)
         unwrap_inner_units(self.lightning_module)
 
+
 def block_classes(model: torch.nn.Module) -> set[type]:
     """The module classes FSDP makes units of their own (`trainer.wrap_blocks`): those that `model` or a module in
     it names in its `no_split_modules` (the DiT: ExpertBlock, which must hold its whole weights while it runs)."""
     names = {name for m in model.modules() for name in getattr(m, "no_split_modules", ())}
     return {type(m) for m in model.modules() if type(m).__name__ in names}
 
+
 def inner_units(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The FSDP units inside `module` (the LightningModule the root wraps): one per block with wrap_blocks."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return [m for m in module.modules() if isinstance(m, FullyShardedDataParallel)]
+
 
 def unwrap_inner_units(module: torch.nn.Module) -> None:
     """Put every module an inner FSDP unit wraps back in the unit's place, once the parameters are whole again
@@ -194,6 +198,7 @@ def unwrap_inner_units(module: torch.nn.Module) -> None:
                 child = child.module
             if child is not getattr(parent, name):
                 setattr(parent, name, child)
+
 
 def summon_when_called_alone(root, module: torch.nn.Module) -> list:
     """Let `module` (a part of the wrapped LightningModule) run on its own, outside the root's forward, as
@@ -221,9 +226,11 @@ def summon_when_called_alone(root, module: torch.nn.Module) -> list:
 
     return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
 
+
 def ema_parameters(ema) -> dict[str, torch.Tensor]:
     """The parameter objects an EMA averages, by its names."""
     return ema._params
+
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
     """`flag` or'ed over all ranks (collective decisions must be taken together)."""
@@ -232,6 +239,7 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
 
 def fsdp_whole_tensors(root, params: dict[str, torch.Tensor], local: dict[str, torch.Tensor]):
     """Whole tensors from `local`, which holds for every parameter in `params` a tensor in that parameter's sharded
@@ -250,6 +258,7 @@ def fsdp_whole_tensors(root, params: dict[str, torch.Tensor], local: dict[str, t
             p.copy_(live[name])
     return whole
 
+
 def fsdp_local_pieces(root, params: dict[str, torch.Tensor], whole: dict[str, torch.Tensor]):
     """The inverse of `fsdp_whole_tensors`: this rank's pieces of the whole tensors `whole`. Collective."""
     from torch.distributed.fsdp import FullyShardedDataParallel
@@ -264,14 +273,29 @@ def fsdp_local_pieces(root, params: dict[str, torch.Tensor], whole: dict[str, to
             p.copy_(live[name])
     return pieces
 
-class FSDPNormClipping(FSDPPrecision):
-    """Lightning's FSDPPrecision refuses norm clipping because it lacks the wrapped root module, whose
-    `clip_grad_norm_` is the correct one under FSDP: it takes the norm over all ranks' gradient shards (a plain
-    `torch.nn.utils.clip_grad_norm_` would clip each rank's shard by its own norm). This one is given the root."""
 
-    def __init__(self, precision, scaler=None, *, root) -> None:
+class CogvxFSDPPrecision(FSDPPrecision):
+    """Lightning's FSDPPrecision, given the wrapped root module and the run's device, for two things it gets wrong:
+
+    * Norm clipping: the parent refuses it for want of the root, whose `clip_grad_norm_` is the correct one under
+      FSDP: it takes the norm over all ranks' gradient shards (a plain `torch.nn.utils.clip_grad_norm_` would clip
+      each rank's shard by its own norm).
+    * Autocast on a CPU: the parent's forward context under "bf16-mixed" / "16-mixed" is CUDA autocast whatever the
+      device, so on a CPU nothing ran under autocast, and an inner unit (a block: FSDP casts only the root's inputs
+      to the compute dtype) met the fp32 timestep embedding with bf16 weights and failed. Autocast here is on the
+      run's own device type.
+    """
+
+    def __init__(self, precision, scaler=None, *, root, device_type: str = "cuda") -> None:
         super().__init__(precision, scaler)
         self._root = root
+        self._device_type = device_type
+
+    def forward_context(self):
+        if "mixed" in self.precision:
+            dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
+            return torch.autocast(self._device_type, dtype=dtype)
+        return super().forward_context()
 
     def clip_grad_by_norm(self, optimizer, clip_val) -> None:
         if self.scaler is not None:

@@ -48,10 +48,12 @@ def build_strategy(t: DictConfig, find_unused_parameters: bool = False, gradient
                                       gradient_clip_val=float(gradient_clip_val or 0.0), timeout=TIMEOUT)
     return name
 
+
 def on_cpu(strategy) -> bool:
     from lightning.pytorch.accelerators import CPUAccelerator
 
     return isinstance(strategy.accelerator, CPUAccelerator)
+
 
 def _fsync_tree(root: Path) -> None:
     for path in sorted(root.rglob("*")):
@@ -67,6 +69,7 @@ def _fsync_tree(root: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
 
 def swap_in_directory(tmp: Path, target: Path) -> None:
     """Put the finished directory `tmp` at `target`, replacing an older one. Directories cannot be renamed over,
@@ -86,6 +89,7 @@ def swap_in_directory(tmp: Path, target: Path) -> None:
     if old.exists():
         shutil.rmtree(old)
 
+
 def save_directory_atomically(strategy, filepath, write) -> None:
     """A sharded checkpoint directory that a kill cannot leave half-written: every rank `write`s its part into
     `<filepath>.tmp`, fsyncs it and meets the others at a barrier; only then rank 0 swaps the finished directory
@@ -103,6 +107,7 @@ def save_directory_atomically(strategy, filepath, write) -> None:
         swap_in_directory(tmp, target)
     strategy.barrier("cogvx_save_done")
 
+
 def recover_checkpoint_dir(target: Path) -> Path:
     """A checkpoint directory that a crash between the two renames of `swap_in_directory` left as `<target>.old`."""
     old = target.with_name(target.name + ".old")
@@ -110,6 +115,7 @@ def recover_checkpoint_dir(target: Path) -> Path:
         log.warning("%s is missing but %s is complete (a save was interrupted): using it", target, old)
         os.replace(old, target)
     return target
+
 
 def gradient_norm(parameters, strategy=None) -> torch.Tensor | None:
     """The global L2 norm of the gradients of `parameters` as the optimizer is about to apply them; None when no

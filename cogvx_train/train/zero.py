@@ -53,6 +53,7 @@ def _use_deepspeed_cpu_accelerator() -> None:
 
         set_accelerator(CPU_Accelerator())
 
+
 class CogvxDeepSpeedStrategy(DeepSpeedStrategy):
     """Lightning's DeepSpeedStrategy plus CPU runs, atomic sharded saves and resume at another world size (see the
     module docstring). On CUDA it behaves like the parent except for the last two."""
@@ -148,6 +149,7 @@ class CogvxDeepSpeedStrategy(DeepSpeedStrategy):
         load_full_state_into_engine(self.deepspeed_engine, self.lightning_module, full)
         return full.client_state
 
+
 def enable_overflow_check(zero_optimizer) -> None:
     """Make the ZeRO-1/2 optimizer test its gradient partitions for inf/NaN at every precision (DeepSpeed does so
     by default only under fp16/bf16) and skip the step on all ranks when any rank finds one. ZeRO-3's optimizer has
@@ -158,6 +160,7 @@ def enable_overflow_check(zero_optimizer) -> None:
     else:
         log.info("%s has no overflow switch: non-finite steps are skipped by its grad-norm check",
                  type(zero_optimizer).__name__)
+
 
 def load_full_state_into_engine(engine, module: torch.nn.Module, full) -> None:
     """Scatter a consolidated training state into a ZeRO-1/2 engine of any world size.
@@ -210,9 +213,11 @@ def load_full_state_into_engine(engine, module: torch.nn.Module, full) -> None:
             if key in saved:
                 group[key] = saved[key]
 
+
 def is_partitioned(p: torch.Tensor) -> bool:
     """A ZeRO-3 parameter: its values live in per-rank slices (`p.ds_tensor`), not in `p.data`."""
     return hasattr(p, "ds_id")
+
 
 def partition_rank_world(p: torch.Tensor) -> tuple[int, int]:
     """(rank, world size) of the group `p` is partitioned over."""
@@ -221,9 +226,11 @@ def partition_rank_world(p: torch.Tensor) -> tuple[int, int]:
     group = getattr(p, "ds_process_group", None)
     return dist.get_rank(group=group), dist.get_world_size(group=group)
 
+
 def local_values(p: torch.Tensor) -> torch.Tensor:
     """The values of `p` this rank holds: its flat ZeRO-3 slice (padding included), or an ordinary `p` itself."""
     return p.ds_tensor if is_partitioned(p) else p
+
 
 def owned_numel(p: torch.Tensor) -> int:
     """How many of `local_values(p)` are the parameter's (the rest of a last slice is padding)."""
@@ -233,8 +240,10 @@ def owned_numel(p: torch.Tensor) -> int:
     size = partition_size(p.ds_numel, world)
     return max(0, min(size, p.ds_numel - rank * size))
 
+
 def full_shape(p: torch.Tensor) -> torch.Size:
     return p.ds_shape if is_partitioned(p) else p.shape
+
 
 def gather_slices(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """The whole tensor of shape `full_shape(p)` whose slices the ranks of `p`'s group hold in `local`. Collective:
@@ -246,11 +255,13 @@ def gather_slices(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     dist.all_gather(pieces, local.contiguous(), group=group)
     return merge_slices(pieces, p.ds_shape)
 
+
 def gathered_parameters(model: torch.nn.Module, skip=()) -> dict[str, torch.Tensor]:
     """Every parameter of `model` but those named in `skip`, whole (ZeRO-3 slices gathered one parameter at a time,
     a collective; ordinary parameters as they are)."""
     return {name: gather_slices(local_values(p), p) if is_partitioned(p) else p.detach()
             for name, p in model.named_parameters() if name not in skip}
+
 
 def release_gathered(params: list[torch.Tensor]) -> None:
     """Drop every gathered copy (`p.data`) of the engine's ZeRO-3 parameters, as the engine does before its
@@ -260,6 +271,7 @@ def release_gathered(params: list[torch.Tensor]) -> None:
         raise RuntimeError("ZeRO-3 parameters without their optimizer (no _z3_optimizer): only a training engine's "
                            "partitioned parameters can be rewritten here.")
     owner.parameter_offload.partition_all_parameters()
+
 
 def gather_persistent(params: list[torch.Tensor]) -> None:
     """Gather the small parameters ZeRO-3 keeps whole on every rank ("persistent"), as the engine does after its
