@@ -202,6 +202,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 
     if m.vae.size not in VAE_SIZES:
         errors.append(f"model.vae.size={m.vae.size!r} is not a known VAE size; use one of {', '.join(VAE_SIZES)}.")
+    factor = OmegaConf.select(cfg, "model.vae.scaling_factor")
+    if factor is not None and not (_is_number(factor) and factor > 0):
+        errors.append(f"model.vae.scaling_factor={factor!r} must be a number > 0, or null (VAE stages measure it "
+                      "on the validation clips; DiT stages take the VAE's own).")
     if task == "vae":
         v = cfg.vae_loss
         for key in ("l1_weight", "lpips_weight", "kl_weight", "disc_weight"):

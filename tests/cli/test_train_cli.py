@@ -51,6 +51,7 @@ NOT_A_RUN = "/nonexistent/path"
     (["stage=vae_a1", "experiment=demo", "trainer=fsdp"], "trainer=fsdp trains the DiT stages"),
     (["stage=dit_b1", "model=2b", "model.vae.weights=null"], "model.text_encoder.path is not set"),
     (["stage=vae_a1", "experiment=demo", "optim.lr=-1"], "optim.lr=-1 must be a number > 0"),
+    (["stage=vae_a1", "experiment=demo", "model.vae.scaling_factor=0"], "model.vae.scaling_factor=0 must be a number > 0, or null"),
     (["stage=vae_a1", "experiment=demo", "trainer.accumulate_grad_batches=4"], "does not apply to VAE stages"),
     (["stage=dit_b1", "experiment=demo", "trainer.accumulate_grad_batches=0"], "must be an integer > 0"),
     (["stage=vae_a1", "experiment=demo", f"resume={NOT_A_RUN}"], "resume=/nonexistent/path does not exist"),
