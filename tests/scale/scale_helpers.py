@@ -105,11 +105,10 @@ def sync_digests(output: str) -> dict[int, list[str]]:
     return out
 
 
-def consolidate_without_deepspeed(checkpoint: Path, out: Path, extra: list[str] = ()) -> str:
-    """`python -m cogvx_train.cli.convert` in a process where `import deepspeed` fails."""
-    code = ("import sys; sys.modules['deepspeed'] = None\n"
-            "from cogvx_train.cli.convert import main\n"
-            f"main({[str(checkpoint), '--out', str(out), *extra]!r})\n"
+def run_without_deepspeed(code: str) -> str:
+    """Run `code` in a fresh Python process where `import deepspeed` fails, check that nothing imported DeepSpeed
+    and that it succeeded; returns its stdout."""
+    code = ("import sys; sys.modules['deepspeed'] = None\n" + code +
             "assert not any(m == 'deepspeed' or m.startswith('deepspeed.') for m, v in sys.modules.items() if v)\n")
     done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -117,26 +116,27 @@ def consolidate_without_deepspeed(checkpoint: Path, out: Path, extra: list[str] 
     return done.stdout
 
 
+def consolidate_without_deepspeed(checkpoint: Path, out: Path, extra: list[str] = ()) -> str:
+    """`python -m cogvx_train.cli.convert` in a process where `import deepspeed` fails."""
+    return run_without_deepspeed("from cogvx_train.cli.convert import main\n"
+                                 f"main({[str(checkpoint), '--out', str(out), *extra]!r})\n")
+
+
 def init_from_without_deepspeed(sources: list[Path], out: Path) -> list[str]:
     """`init_from=<source>` for each source, in one process where `import deepspeed` fails: a DiT module built with
     the source run's hyper-parameters loads the source's weights. Saves {source: (the module's DiT state_dict, its
     EMA shadow)} to `out`; returns what init_from says it loaded."""
-    code = ("import sys; sys.modules['deepspeed'] = None\n"
-            "import torch\n"
-            "from cogvx_train.dit.init_from import load_init_weights\n"
-            "from cogvx_train.dit.module import DiTTrainingModule\n"
-            "from cogvx_train.train.consolidate import load_full_training_state\n"
-            "loaded = {}\n"
-            f"for source in {[str(s) for s in sources]!r}:\n"
-            "    module = DiTTrainingModule(**load_full_training_state(source).client_state['hyper_parameters'])\n"
-            "    print(load_init_weights(module, source))\n"
-            "    loaded[source] = (module.dit.state_dict(), dict(module.ema.shadow))\n"
-            f"torch.save(loaded, {str(out)!r})\n"
-            "assert not any(m == 'deepspeed' or m.startswith('deepspeed.') for m, v in sys.modules.items() if v)\n")
-    done = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.splitlines()
+    return run_without_deepspeed(
+        "import torch\n"
+        "from cogvx_train.dit.init_from import load_init_weights\n"
+        "from cogvx_train.dit.module import DiTTrainingModule\n"
+        "from cogvx_train.train.consolidate import load_full_training_state\n"
+        "loaded = {}\n"
+        f"for source in {[str(s) for s in sources]!r}:\n"
+        "    module = DiTTrainingModule(**load_full_training_state(source).client_state['hyper_parameters'])\n"
+        "    print(load_init_weights(module, source))\n"
+        "    loaded[source] = (module.dit.state_dict(), dict(module.ema.shadow))\n"
+        f"torch.save(loaded, {str(out)!r})\n").splitlines()
 
 
 # ------------------------------------------------------------------------------------------------------------
