@@ -2,8 +2,8 @@
 
 The DiT is trained on x0 = z * scaling_factor with a noise schedule designed for data of unit variance (Stable
 Diffusion's convention; CogVideoX's 1.15258426 and 0.7 are such measurements for its released VAEs). A VAE trained
-from scratch here has latents of its own scale: the demo VAE's have std ~0.6, so at a factor of 1 the DiT would
-see every timestep at a third of the signal-to-noise ratio the schedule intends. With
+from scratch here has latents of its own scale: the demo VAE's have std ~0.47, so at a factor of 1 the DiT would
+see every timestep at about a fifth of the signal-to-noise ratio the schedule intends. With
 ``model.vae.scaling_factor: null`` the VAE stage measures the factor at every validation, on the held-out clips and
 with the weights it validates and exports (the EMA), and keeps it in its checkpoints and its diffusers export, from
 which the DiT stages read it (``model.vae.scaling_factor: null`` there means "the VAE's own").
