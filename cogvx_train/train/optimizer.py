@@ -50,7 +50,7 @@ def adamw(param_groups: Iterable, lr: float, betas: tuple[float, float], eps: fl
     """torch's AdamW, with its fused kernel wherever every parameter allows it (floating point, on a CPU or CUDA
     device) and ``allow_fused`` (see :func:`fused_allowed`); otherwise the default multi-tensor path. The update
     rule is the same; the fused kernel does a parameter's whole update in one pass instead of foreach's chain of
-    ops: 3-5x faster on this project's CPU (0.65 M and 4 M parameters: 1.1 vs 5.4 ms, 4.2 vs 12.9 ms per step)."""
+    ops: ~3x faster on this project's CPU (`python scripts/bench_dit.py --configs tiny --profile`, BENCHMARKS.md)."""
     groups = list(param_groups)
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     fused = allow_fused and bool(params) and all(
