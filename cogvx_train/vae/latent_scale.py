@@ -22,23 +22,30 @@ from cogvx_train.vae.posterior import DiagonalGaussian
 
 
 class LatentMoments:
-    """Running sums (sum z, sum z^2, count) of posterior samples over a validation epoch."""
+    """Running sums (sum z, sum z^2, count) of posterior samples over a validation epoch.
+
+    The sums are Python floats (float64), not a tensor: a tensor built with the LightningModule would travel to the
+    ranks of a spawn launcher (``strategy=ddp_spawn``, CPU tests) in shared memory, where every rank would add into
+    the same three numbers, and lose some of the additions when two ranks add at once.
+    """
 
     def __init__(self) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64)
+        self.reset()
 
     def reset(self) -> None:
-        self.sums.zero_()
+        self.total, self.total_sq, self.count = 0.0, 0.0, 0.0
 
     def add(self, posterior: DiagonalGaussian) -> None:
         mean, var = posterior.mean.detach().double(), posterior.var.detach().double()
-        self.sums += torch.stack([mean.sum(), (mean.square() + var).sum(),
-                                  torch.tensor(float(mean.numel()), dtype=torch.float64, device=mean.device)]).cpu()
+        total, total_sq = torch.stack([mean.sum(), (mean.square() + var).sum()]).tolist()  # one device sync
+        self.total += total
+        self.total_sq += total_sq
+        self.count += mean.numel()
 
     def reduce(self, strategy=None) -> tuple[float | None, float | None]:
         """(mean, std) over all ranks (a collective when ``strategy`` is distributed); (None, None) before any
         latent was added."""
-        sums = self.sums
+        sums = torch.tensor([self.total, self.total_sq, self.count], dtype=torch.float64)
         if strategy is not None:
             sums = strategy.reduce(sums.to(strategy.root_device), reduce_op="sum").cpu()
         total, total_sq, count = sums.tolist()

@@ -160,8 +160,11 @@ def test_context_parallel_validation_equals_one_process(runs):
     assert len(single) == len(split) == 1
     keys = [k for k in single[0] if k.startswith("val/")]
     assert {"val/psnr", "val/ssim", "val/lpips", "val/flicker", "val/temporal_error"} <= set(keys)
+    assert {"val/latent_mean", "val/latent_std"} <= set(keys)  # the moments are summed over the group's slices
     for key in keys:
-        assert _rel(split[0][key], single[0][key]) < REL, (key, split[0][key], single[0][key])
+        # the latents' mean is a sum of cancelling terms (0.015 at std 0.31): compared on the scale of their std
+        scale = single[0]["val/latent_std"] if key == "val/latent_mean" else abs(single[0][key])
+        assert abs(split[0][key] - single[0][key]) < REL * scale, (key, split[0][key], single[0][key])
 
 
 def test_one_process_refuses_context_parallel_size_two():
