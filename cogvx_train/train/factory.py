@@ -165,8 +165,11 @@ def build_callbacks(cfg: DictConfig, run: RunDirectory) -> list:
     callbacks: list = [ConfigAgreementCheck(config_hash(cfg)), RNGStateCallback()]
     callbacks.append(DataPositionCallback(max_failure_rate=cfg.data.max_failure_rate))
     if c.get("checkpoint"):
+        from cogvx_train.train.catch_up import CatchUpOnResume
+
         callbacks.append(build_checkpoint_callback(run.checkpoints, cfg.checkpoint.every_n_steps,
                                                    cfg.checkpoint.keep_last_k))
+        callbacks.append(CatchUpOnResume())  # a resume writes the rows a kill right after a save lost
     if c.get("lr_monitor") and cfg.logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if c.get("progress_bar"):

@@ -22,14 +22,15 @@ as `FSDPWithCPUStrategy`, Lightning's FSDPStrategy plus:
   rank 0 alone, so it is gathered first), is cut into pieces again on load (resume and roll-back), and the weights
   and the EMA are made whole on every rank at the end of training, and the block units unwrapped, for the export.
   Gathering and cutting use FSDP itself (`fsdp_whole_tensors`, `fsdp_local_pieces`).
-* Resume at another world size: torch's distributed checkpoint reads the weights and Adam's state saved by any
-  number of ranks into this run's shards (with one rank, torch's FSDP holds whole tensors), and the EMA is whole
-  in the checkpoint. Saves are atomic like DeepSpeed's (`save_directory_atomically`), so a directory rewritten at
-  another world size holds no stale shard.
+* Resume at another world size or wrapping: torch's distributed checkpoint reads the weights and Adam's state
+  saved by any number of ranks, under either `trainer.wrap_blocks` (the names are the model's own), into this
+  run's shards (with one rank, torch's FSDP holds whole tensors), and the EMA is whole in the checkpoint. Saves
+  are atomic like DeepSpeed's (`save_directory_atomically`), so a directory rewritten at another world size holds
+  no stale shard.
 Modules with manual optimization (the VAE stages) are refused: they toggle `requires_grad` inside the forward,
 where FSDP's parameters are views. The weight sync check skips FSDP (sharded by design); tests/scale/test_fsdp_cpu.py
 shows 2 CPU ranks train, validate and sample exactly as DDP does, tests/scale/test_resume_world_size.py that a run
-of 2 ranks continues on 1 exactly as a DDP run does.
+of 2 ranks continues on 1, also with the other wrapping, exactly as a DDP run does.
 """
 
 from __future__ import annotations

@@ -31,9 +31,19 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
+# Settings added after some run directories were written: {key: (setting, value, behaviour)}. A saved config without
+# `key` whose `setting` is `value` ran as `key`=behaviour: before trainer.wrap_blocks (one FSDP unit per block)
+# existed, FSDP wrapped the whole DiT as one unit.
+_BEFORE_ADDED = {"trainer.wrap_blocks": ("trainer.strategy", "fsdp", False)}
+
+
 def config_changes(saved: dict, current: dict, whitelist: list[str]) -> tuple[list[str], list[str]]:
-    """(allowed, refused) differences as 'key: old -> new' lines."""
+    """(allowed, refused) differences as 'key: old -> new' lines. A setting the saved run predates counts as the
+    behaviour that run had (`_BEFORE_ADDED`), so naming that behaviour on resume changes nothing."""
     a, b = _flatten(saved), _flatten(current)
+    for key, (setting, value, then) in _BEFORE_ADDED.items():
+        if key not in a and a.get(setting) == value:
+            a[key] = then
     allowed, refused = [], []
     for key in sorted(set(a) | set(b)):
         if key.startswith(("derived.", "resume_whitelist")) or a.get(key, "<unset>") == b.get(key, "<unset>"):
@@ -90,6 +100,27 @@ class _ContinuingWriter(ExperimentWriter):
             self._keep_rows_before(int(step))
         super().log_metrics(metrics_dict, step)
 
+    def logged_keys_at(self, step: int) -> set[str]:
+        """The columns that rows of ``step`` already have in metrics.csv (a torn last line counts as absent)."""
+        if not self._fs.isfile(self.metrics_file_path):
+            return set()
+        keys: set[str] = set()
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    if row.get("step") and int(float(row["step"])) == step and None not in row:
+                        keys.update(k for k, v in row.items() if k != "step" and v not in ("", None))
+                except ValueError:
+                    continue
+        return keys
+
+    def continue_after(self, step: int) -> None:
+        """Keep the rows up to ``step`` and drop later ones now, before rows of ``step`` itself are added (the
+        catch-up of a resume, see catch_up.py); the first row logged afterwards trims nothing more."""
+        if getattr(self, "_continuing", False):
+            self._continuing = False
+            self._keep_rows_before(step + 1)
+
     def _keep_rows_before(self, step: int) -> None:
         with self._fs.open(self.metrics_file_path, "r", newline="") as f:
             reader = csv.DictReader(f)
@@ -98,13 +129,26 @@ class _ContinuingWriter(ExperimentWriter):
         if not rows:
             self._fs.rm_file(self.metrics_file_path)
             return
+        self._replace_file(header, rows)
+        self.metrics_keys = header
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning rewrites the file in place whenever a new column appears (the first validation, say): a kill
+        # in the middle would truncate every row logged so far
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            rows = list(csv.DictReader(f))
+        self._replace_file(fieldnames, rows)
+
+    def _replace_file(self, header: list[str], rows: list[dict[str, str]]) -> None:
+        """metrics.csv replaced atomically: written next to it, flushed to disk, renamed over it."""
         tmp = f"{self.metrics_file_path}.tmp"
-        with self._fs.open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=header)
             writer.writeheader()
             writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.metrics_file_path)
-        self.metrics_keys = header
 
 
 class RunCSVLogger(CSVLogger):

@@ -1,8 +1,11 @@
 """`resume=` continues the same run or refuses: settings outside `resume_whitelist` are listed and rejected (exit 2),
-whitelisted ones (a larger trainer.max_steps) are accepted, and the wandb run continues under the same id."""
+whitelisted ones (a larger trainer.max_steps) are accepted, and the wandb run continues under the same id. A run
+directory written before a setting existed (an FSDP run before trainer.wrap_blocks) is compared as the behaviour it
+had, not as a change."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -58,3 +61,29 @@ def test_resume_refuses_other_settings_accepts_whitelisted_ones_and_keeps_the_wa
     offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(name.endswith(f"-{run_id}") for name in offline), offline
     assert (run_dir / "command.txt").read_text().count("resume=") == 1  # the refused launches left no trace
+
+
+def test_a_saved_fsdp_config_without_wrap_blocks_counts_as_the_whole_dit_as_one_unit(cache_dir):
+    """FSDP runs written before trainer.wrap_blocks wrapped the whole DiT as one unit (wrap_blocks=false)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from cogvx_train.config import resolvers
+    from cogvx_train.train.resume import config_changes
+
+    resolvers.register()
+    with initialize_config_module(config_module="cogvx_train.conf", version_base="1.3"):
+        configs = {extra: OmegaConf.to_container(compose(config_name="train", overrides=[
+            "stage=dit_b1", "experiment=demo", *extra.split()]), resolve=True)
+            for extra in ("trainer=fsdp", "trainer=fsdp trainer.wrap_blocks=false", "trainer=ddp")}
+    old = copy.deepcopy(configs["trainer=fsdp"])
+    del old["trainer"]["wrap_blocks"]  # config.yaml of a run from before the setting
+    whitelist = configs["trainer=fsdp"]["resume_whitelist"]
+    assert "trainer.wrap_blocks" in whitelist
+    assert config_changes(old, configs["trainer=fsdp trainer.wrap_blocks=false"], whitelist) == ([], [])
+    # the default now (one unit per block) is a change, allowed: the checkpoint reads into either wrapping
+    assert config_changes(old, configs["trainer=fsdp"], whitelist) == (["trainer.wrap_blocks: False -> True"], [])
+    assert config_changes(old, configs["trainer=fsdp"], []) == ([], ["trainer.wrap_blocks: False -> True"])
+    # only FSDP runs get the old behaviour filled in
+    allowed, refused = config_changes(configs["trainer=ddp"], configs["trainer=fsdp"], whitelist)
+    assert "trainer.wrap_blocks: '<unset>' -> True" in allowed and "trainer.strategy: 'ddp' -> 'fsdp'" in refused

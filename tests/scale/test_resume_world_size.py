@@ -4,7 +4,8 @@ DDP checkpoints are whole, so Lightning reloads them at any world size; a DeepSp
 per rank, and the engine refuses other world sizes, so CogvxDeepSpeedStrategy merges the shards (consolidate.py)
 and scatters weights, moments and step into the new partitions. An FSDP checkpoint is torch's distributed
 checkpoint, which reads any world size's shards into the new ones (on one rank torch's FSDP holds whole tensors);
-the EMA is saved whole. The FSDP run continues exactly as the DDP run does."""
+the EMA is saved whole. The FSDP run continues exactly as the DDP run does, also when it switches
+`trainer.wrap_blocks` on resume (the checkpoint holds the model's own names whatever the FSDP units)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ from scale_helpers import TINY_DIT, env_for, free_port, launch, run_dir, single,
 from cogvx_train.train.consolidate import read_deepspeed_checkpoint, read_fsdp_checkpoint, read_lightning_checkpoint
 
 
-def train_two_then_one(tmp_path, cache_dir, vae, strategy: list[str]):
+def train_two_then_one(tmp_path, cache_dir, vae, strategy: list[str], resumed: list[str] = ()):
+    """4 steps on 2 ranks, then `resume=` on 1 rank to step 6 (`resumed`: more overrides for the second launch)."""
     out = tmp_path / "outputs"
     env = env_for(cache_dir, out)
     base = [*TINY_DIT, f"model.vae.weights={vae}", *strategy]
     launch([torchrun(2, free_port(), [*base, "trainer.devices=2", "trainer.max_steps=4"])], env, tmp_path)
     run = run_dir(out)
-    outputs = launch([single([*base, "trainer.devices=1", "trainer.max_steps=6", f"resume={run}"])], env, tmp_path)
+    outputs = launch([single([*base, "trainer.devices=1", "trainer.max_steps=6", *resumed, f"resume={run}"])], env,
+                     tmp_path)
     assert run_dir(out) == run  # the same run directory continues
     assert json.loads((run / "DONE.json").read_text())["global_step"] == 6
     assert (run / "command.txt").read_text().count("resume=") == 1
@@ -88,13 +91,18 @@ def test_fsdp_run_of_two_ranks_continues_on_one_like_ddp(tmp_path, cache_dir, ti
     assert step4.world_size == 2 and step4.step == 4
     full = read_fsdp_checkpoint(run / "checkpoints" / "last.ckpt")
     assert full.world_size == 1  # the directory was replaced whole: no shard of the 2-rank save is left in it
+    check_like_ddp(run, ddp_two_then_one[0])
+
+
+def check_like_ddp(run, ddp_run) -> None:
+    """The FSDP run `run` (2 ranks, then 1) ended where the DDP run `ddp_run` did: resharded, not restarted."""
+    step4 = read_fsdp_checkpoint(run / "checkpoints" / "step-00000004.ckpt")
+    full = read_fsdp_checkpoint(run / "checkpoints" / "last.ckpt")
     check_continued(full.client_state)
     assert full.step == 6 and full.client_state["dit_ema"]["num_updates"] == 6
-
-    # resharded, not restarted: the weights and the EMA after 2 + 1 ranks are the DDP run's (Adam restarted at
-    # step 4 would move the weights differently), and so is the gradient norm logged at every step (over both
-    # ranks' shards, then the one rank's whole gradients)
-    ddp_run = ddp_two_then_one[0]
+    # the weights and the EMA after 2 + 1 ranks are the DDP run's (Adam restarted at step 4 would move the weights
+    # differently), and so is the gradient norm logged at every step (over both ranks' shards, then the one
+    # rank's whole gradients)
     ddp = read_lightning_checkpoint(ddp_run / "checkpoints" / "last.ckpt")
     assert ddp.client_state["global_step"] == 6
     assert full.weights.keys() == ddp.weights.keys()
@@ -108,3 +116,16 @@ def test_fsdp_run_of_two_ranks_continues_on_one_like_ddp(tmp_path, cache_dir, ti
     assert len(changed) > len(full.weights) // 2  # it trained on from step 4
     assert metric(run, "train/grad_norm") == pytest.approx(metric(ddp_run, "train/grad_norm"), rel=1e-5)
     assert sorted(metric(run, "train/grad_norm")) == list(range(6))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_fsdp_run_resumes_with_the_other_wrapping_like_ddp(tmp_path, cache_dir, tiny_vae_dir, ddp_two_then_one):
+    """`trainer.wrap_blocks` may change on resume: 2 ranks with one FSDP unit per transformer block, then 1 rank
+    with the whole DiT as one unit, continue as the DDP run does (weights, EMA, Adam's step, grad norms)."""
+    run, output = train_two_then_one(tmp_path, cache_dir, tiny_vae_dir, ["trainer=fsdp"],
+                                     resumed=["trainer.wrap_blocks=false"])
+    assert "allowed change trainer.wrap_blocks: True -> False" in output
+    assert "FSDP units: the root and 0 inner (the whole model is one unit)" in output
+    assert read_fsdp_checkpoint(run / "checkpoints" / "step-00000004.ckpt").world_size == 2
+    check_like_ddp(run, ddp_two_then_one[0])
