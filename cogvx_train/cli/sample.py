@@ -43,12 +43,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The settings a user typed, checked before the checkpoint is loaded (seconds to minutes for a large model)."""
+    import torch
+
+    from cogvx_train.config.validate import check_num_frames
+    from cogvx_train.config.weights_source import check_weights_source
+
+    sources = "a dit run directory or one of its checkpoints/*.ckpt"  # they record the VAE, T5 and schedule too
+    if not args.checkpoint.exists():
+        raise ValueError(f"--checkpoint {args.checkpoint} does not exist; give {sources}.")
+    label = f"--checkpoint {args.checkpoint}"
+    if (problem := check_weights_source(args.checkpoint, label, "dit", sources)) is not None:
+        raise ValueError(problem)
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; give a folder for the mp4s (it is created when missing).")
+    if args.num_frames is not None and (problem := check_num_frames(args.num_frames, "--num-frames")) is not None:
+        raise ValueError(problem)
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and (value < 16 or value % 16):
+            raise ValueError(f"{flag} {value} must be a positive multiple of 16 (8x VAE downsampling times the 2x2 "
+                             f"patches), e.g. {max(16, round(value / 16) * 16)}.")
+    for flag, value, hint in (("--steps", args.steps, " (50 is the released setting)"),
+                              ("--batch-size", args.batch_size, "")):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value} must be at least 1{hint}.")
+    if args.fps is not None and not args.fps > 0:
+        raise ValueError(f"--fps {args.fps} must be a frame rate > 0, e.g. 8.")
+    if args.guidance_scale is not None and not args.guidance_scale >= 0:
+        raise ValueError(f"--guidance-scale {args.guidance_scale} must be >= 0 (1 = no guidance, 6 is the released "
+                         "value).")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device} is not a torch device; use cuda, cuda:N or cpu.") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device} asks for CUDA, which this machine does not have; use --device "
+                             "cpu.")
+
+
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file is not None:
         if not args.prompts_file.is_file():
-            raise ValueError(f"--prompts-file {args.prompts_file} does not exist; give a text file with one prompt "
-                             "per line.")
+            state = "is a folder" if args.prompts_file.is_dir() else "does not exist"
+            raise ValueError(f"--prompts-file {args.prompts_file} {state}; give a text file with one prompt per line.")
         prompts += [line.strip() for line in args.prompts_file.read_text(encoding="utf-8").splitlines()
                     if line.strip()]
     if not prompts:
@@ -63,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from cogvx_train.sampling import sample_videos
 
     prompts = read_prompts(args)
+    check_args(args)  # before loading: 0 steps / 0 fps are refused here, so `or` below only fills unset options
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module, source = load_for_sampling(args.checkpoint, use_ema=args.use_ema, device=device)
     s = module.sampling_cfg

@@ -86,6 +86,12 @@ def precheck(argv: list[str]) -> None:
             # checked before Hydra, which would otherwise create the directory as the run directory
             raise ConfigError(f"resume={value} does not exist; give the run directory to continue "
                               "(outputs/runs/<stage>/<time>) or its checkpoints/last.ckpt.")
+        run_dir = Path(resolvers.run_dir("", "", value)) if key == "resume" and value not in ("", "null") else None
+        if run_dir is not None and not (run_dir / "config.yaml").is_file():
+            # also before Hydra, which would write .hydra/ and train.log into whatever directory this names
+            raise ConfigError(f"resume={value} is not a cogvx-train run ({run_dir} has no config.yaml); give the "
+                              "run directory to continue (outputs/runs/<stage>/<time>) or its checkpoints/last.ckpt, "
+                              "or use init_from= to start a new run from a checkpoint's weights.")
     if "stage" not in chosen and "hydra/help" not in chosen:
         raise ConfigError(f"no stage is selected; add stage=<name>, one of: {', '.join(_options('stage', dirs))}.")
     if not multirun:

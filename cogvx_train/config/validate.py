@@ -66,6 +66,11 @@ def check_resolutions(resolutions: Any, key: str = "data.resolutions") -> list[s
             fix = [max(16, round(v / 16) * 16) for v in (h, w)]
             errors.append(f"{key} entry [{h}, {w}] is not a multiple of 16 (8x VAE downsampling times the 2x2 "
                           f"patches); use [{fix[0]}, {fix[1]}].")
+    pairs = [tuple(hw) for hw in resolutions if isinstance(hw, (list, ListConfig)) and len(hw) == 2]
+    repeated = sorted({hw for hw in pairs if pairs.count(hw) > 1})
+    if repeated:
+        errors.append(f"{key} lists {', '.join(f'[{h}, {w}]' for h, w in repeated)} more than once; each entry is "
+                      "one aspect-ratio bucket, so list each [height, width] once.")
     return errors
 
 
@@ -75,6 +80,56 @@ def _check_path(cfg: DictConfig, key: str, what: str, errors: list[str], special
         return
     if not Path(str(value)).expanduser().exists():
         errors.append(f"{key}={value} does not exist; point it at an existing {what}.")
+
+
+def _weights_source(cfg: DictConfig, key: str, want: str, errors: list[str]) -> None:
+    """The path holds `want` ('dit' | 'vae') weights: not the other stage's checkpoint, not a foreign file."""
+    from cogvx_train.config.weights_source import check_weights_source
+
+    value = OmegaConf.select(cfg, key)
+    if (problem := check_weights_source(value, f"{key}={value}", want)) is not None:
+        errors.append(problem)
+
+
+def _manifest_errors(cfg: DictConfig) -> list[str]:
+    """Read the user's manifests now (the datamodule reads them again once the model is built): not a manifest, a
+    broken line, no usable row, files not where the rows say, or every video held out for validation."""
+    d, errors = cfg.data, []
+    use_images = d.use_images if isinstance(d.use_images, bool) else True
+    for key, images in (("data.manifest", use_images), ("data.val_manifest", False)):
+        path = OmegaConf.select(cfg, key)
+        if not path or not Path(str(path)).expanduser().exists():
+            continue  # the synthetic set (null), or reported by _check_path
+        from cogvx_train.data.frame_pack import check_holdout, usable_rows
+        from cogvx_train.data.manifest import read_manifest
+
+        try:
+            _, videos = usable_rows(read_manifest(Path(str(path)).expanduser()), images)
+            if key == "data.manifest" and not d.val_manifest and isinstance(d.num_val_clips, int) and d.num_val_clips:
+                check_holdout(d.num_val_clips, len(videos))
+        except ConfigError as err:
+            errors.append(f"{key}: {err}")
+    return errors
+
+
+def _boolean(cfg: DictConfig, key: str, errors: list[str]) -> None:
+    value = OmegaConf.select(cfg, key)
+    if not isinstance(value, bool):
+        errors.append(f"{key}={value!r} must be true or false.")
+
+
+def _devices(cfg: DictConfig, errors: list[str]) -> None:
+    """What Lightning accepts: a count (-1 = all), a list of device ids, "0,1", or auto."""
+    value = OmegaConf.select(cfg, "trainer.devices")
+    if value is None:  # a trainer config of your own may leave it out (Lightning's default)
+        return
+    ids = OmegaConf.to_container(value) if isinstance(value, ListConfig) else None
+    ok = (value == "auto" or (_is_number(value) and isinstance(value, int) and (value > 0 or value == -1))
+          or (isinstance(value, str) and all(v.strip().isdigit() for v in value.split(",")))
+          or (ids is not None and len(ids) > 0 and all(isinstance(v, int) and v >= 0 for v in ids)))
+    if not ok:
+        errors.append(f"trainer.devices={value!r} must be a number of devices per node (e.g. 1 or 8; -1 = all), a "
+                      "list of device ids such as [0, 1], or auto.")
 
 
 def _choice(cfg: DictConfig, key: str, choices: tuple[str, ...], errors: list[str]) -> None:
@@ -138,8 +193,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if task not in TASKS:
         errors.append(f"task={task!r} is not one of {', '.join(TASKS)}.")
 
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        errors.append(f"seed={cfg.seed!r} must be an integer, e.g. 42.")
+
     # data
     d = cfg.data
+    _boolean(cfg, "data.use_images", errors)
     if (e := check_num_frames(d.num_frames)) is not None:
         errors.append(e)
     errors += check_resolutions(d.resolutions)
@@ -148,7 +207,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if not fps_list or not all(_is_number(f) and f > 0 for f in fps_list):
         errors.append(f"data.fps={fps!r} must be a positive frame rate or a list of them, e.g. 8 or [8, 16].")
     _positive(cfg, "data.batch_size", errors, integer=True)
-    _positive(cfg, "data.image_batch_size", errors, integer=True)
+    if d.image_batch_size != d.batch_size:  # by default it follows data.batch_size: one mistake, one sentence
+        _positive(cfg, "data.image_batch_size", errors, integer=True)
+    _positive(cfg, "data.num_val_clips", errors, allow_zero=True, integer=True)
     _positive(cfg, "data.num_workers", errors, allow_zero=True, integer=True)
     rate = d.max_failure_rate
     if not _is_number(rate) or not 0 <= rate <= 1:
@@ -156,9 +217,20 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     _check_path(cfg, "data.manifest", "manifest file (build one with `cogvx-data manifest <folder> --out m.jsonl`)",
                 errors)
     _check_path(cfg, "data.val_manifest", "manifest file", errors)
+    if not d.latent_cache:
+        errors += _manifest_errors(cfg)
+    elif Path(str(d.latent_cache)).expanduser().is_dir():
+        from cogvx_train.data.latent_cache import read_index
+
+        try:
+            read_index(d.latent_cache)
+        except ValueError as err:
+            errors.append(f"data.latent_cache: {err}")
     _check_path(cfg, "data.latent_cache", "directory written by `cogvx-data precompute`", errors)
     _check_path(cfg, "init_from", "checkpoint file, run directory or diffusers-format directory", errors)
     _check_path(cfg, "resume", "run directory (or its checkpoints/last.ckpt)", errors)
+    if cfg.init_from and not cfg.resume and task in ("vae", "dit"):  # a resumed run ignores init_from
+        _weights_source(cfg, "init_from", task, errors)
 
     # optimisation
     _positive(cfg, "optim.lr", errors)
@@ -182,6 +254,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if not t.get("fast_dev_run"):
         _positive(cfg, "trainer.max_steps", errors, integer=True)
     _choice(cfg, "trainer.strategy", STRATEGIES, errors)
+    _devices(cfg, errors)
+    interval = OmegaConf.select(cfg, "trainer.val_check_interval")
+    if interval is not None and not (_is_number(interval) and (interval >= 1 if isinstance(interval, int)
+                                                               else 0 < interval <= 1)):
+        errors.append(f"trainer.val_check_interval={interval!r} must be a number of steps ≥ 1 (e.g. 1000) or a "
+                      "fraction of an epoch in (0, 1].")
+    if OmegaConf.select(cfg, "trainer.log_every_n_steps") is not None:
+        _positive(cfg, "trainer.log_every_n_steps", errors, allow_zero=True, integer=True)
+    if OmegaConf.select(cfg, "trainer.num_nodes") is not None:
+        _positive(cfg, "trainer.num_nodes", errors, integer=True)
     wrap = OmegaConf.select(cfg, "trainer.wrap_blocks")
     if wrap is not None and not isinstance(wrap, bool):
         errors.append(f"trainer.wrap_blocks={wrap!r} must be true (one FSDP unit per transformer block) or false "
@@ -241,12 +323,17 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         _choice(cfg, "sampling.guidance_schedule", GUIDANCE_SCHEDULES, errors)
         _positive(cfg, "diffusion.snr_shift", errors)
         _positive(cfg, "sampling.num_steps", errors, integer=True)
+        scale = OmegaConf.select(cfg, "sampling.guidance_scale")
+        if not (_is_number(scale) and scale >= 0):  # else the first validation samples fail, deep into the run
+            errors.append(f"sampling.guidance_scale={scale!r} must be a number ≥ 0 (1 = no guidance, 6 is the "
+                          "released value).")
         drop = cfg.diffusion.caption_dropout
         if not _is_number(drop) or not 0 <= drop < 1:
             errors.append(f"diffusion.caption_dropout={drop!r} must be a probability in [0, 1), e.g. 0.1.")
         uses_cache = d.latent_cache is not None
         if not uses_cache:
             _choice(cfg, "model.text_encoder.kind", TEXT_ENCODER_KINDS, errors)
+            _positive(cfg, "model.text_encoder.max_length", errors, integer=True)
             if m.text_encoder.kind == "t5" and not m.text_encoder.path:
                 errors.append("model.text_encoder.path is not set; point it at a local T5 encoder directory "
                               "(config.json, weights, spiece.model), or use model=tiny for a test run.")
@@ -257,6 +344,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             else:
                 _check_path(cfg, "model.vae.weights", "VAE checkpoint or diffusers-format VAE directory", errors,
                             special=("demo",))
+                if m.vae.weights != "demo":
+                    _weights_source(cfg, "model.vae.weights", "vae", errors)
     if errors:
         raise ConfigError(errors)
 

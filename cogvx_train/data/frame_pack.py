@@ -35,7 +35,8 @@ from lightning.pytorch import Callback, LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
-from cogvx_train.data.manifest import Manifest, read_manifest
+from cogvx_train.config.errors import ConfigError
+from cogvx_train.data.manifest import Manifest, check_files_present, read_manifest
 from cogvx_train.data.video_io import (
     START_MODES,
     choose_start_index,
@@ -109,6 +110,26 @@ def check_target_fps(target_fps: float | Sequence[float] | None) -> tuple[float,
         raise ValueError(f"target_fps must be a positive number, a non-empty list of them, or None (source rate), "
                          f"got {target_fps!r}.")
     return tuple(float(v) for v in values)
+
+
+def usable_rows(manifest: Manifest, use_images: bool) -> tuple[list[int], list[int]]:
+    """The rows a run reads (ok videos, plus ok stills with use_images) and the ok videos among them. A
+    manifest no run could use (no such row, or none of the first ones on disk) is a ConfigError: one sentence."""
+    rows = manifest.indices("ok", ("video", "image") if use_images else ("video",))
+    videos = [r for r in rows if manifest.entries[r].kind == "video"]
+    if not rows:
+        n_img = len(manifest.indices("ok", ("image",)))
+        raise ConfigError(f"manifest {manifest.path} has no usable rows ({len(videos)} ok videos, {n_img} ok images, "
+                          f"use_images={use_images}); see `cogvx-data summary {manifest.path}`.")
+    check_files_present(manifest, rows)
+    return rows, videos
+
+
+def check_holdout(count: int, num_videos: int) -> None:
+    """Validation clips are held out of the training videos: some must be left to train on."""
+    if count >= num_videos:
+        raise ConfigError(f"holding out {count} validation clips would leave none of the {num_videos} ok videos for "
+                          "training; lower num_val_clips/val_fraction or give a val_manifest.")
 
 
 def check_fraction(value: float | None, name: str, allow_one: bool = False) -> float | None:
@@ -399,11 +420,11 @@ class BucketBatchSampler(Sampler[list[SampleKey]]):
         self._cache: dict[int, list[np.ndarray]] = {}  # the last two epochs' global batches
         total = len(self.global_batches(self.epoch))
         if total == 0:
-            raise ValueError(f"no complete batch can be formed: bucket sizes {self.bucket_sizes()} are all below "
-                             f"their batch sizes; lower batch_size or set drop_last=False.")
+            raise ConfigError(f"no complete batch can be formed: bucket sizes {self.bucket_sizes()} are all below "
+                              f"their batch sizes; lower batch_size (or pass drop_last=False).")
         if total < self.num_replicas and not pad_last_round:
-            raise ValueError(f"an epoch has only {total} batches, fewer than the {self.num_replicas} ranks; "
-                             f"lower batch_size or use fewer ranks.")
+            raise ConfigError(f"an epoch has only {total} batches, fewer than the {self.num_replicas} ranks; "
+                              f"lower batch_size or use fewer ranks.")
         starved = [str(b) for b, m in zip(self.buckets, self.members) if drop_last and len(m) < b.batch_size]
         if starved:
             log.warning("buckets with fewer samples than their batch size are never used: %s", ", ".join(starved))
@@ -717,27 +738,17 @@ class FramePackDataModule(LightningDataModule):
         if self.train_dataset is not None:
             return
         manifest = read_manifest(self.manifest_path)
-        kinds = ("video", "image") if self.use_images else ("video",)
-        rows = manifest.indices("ok", kinds)
-        videos = [r for r in rows if manifest.entries[r].kind == "video"]
-        if not rows:
-            n_img = len(manifest.indices("ok", ("image",)))
-            raise ValueError(f"manifest {self.manifest_path} has no usable rows ({len(videos)} ok videos, {n_img} ok "
-                             f"images, use_images={self.use_images}); see `cogvx-data summary {self.manifest_path}`.")
+        rows, videos = usable_rows(manifest, self.use_images)
         val_rows: list[int] = []
         val_manifest = manifest
         if self.val_manifest_path is not None:
             val_manifest = read_manifest(self.val_manifest_path)
-            val_rows = val_manifest.indices("ok", ("video",))
-            if not val_rows:
-                raise ValueError(f"val_manifest {self.val_manifest_path} has no ok videos.")
+            val_rows, _ = usable_rows(val_manifest, use_images=False)  # validation clips are videos
             if self.num_val_clips:
                 val_rows = held_out_rows(val_manifest, val_rows, self.num_val_clips)
         elif self.num_val_clips or self.val_fraction:
             count = self.num_val_clips or max(1, round(self.val_fraction * len(videos)))
-            if count >= len(videos):
-                raise ValueError(f"holding out {count} validation clips would leave none of the {len(videos)} ok "
-                                 f"videos for training; lower num_val_clips/val_fraction or give a val_manifest.")
+            check_holdout(count, len(videos))
             val_rows = held_out_rows(manifest, videos, count)
             held = set(val_rows)
             rows = [r for r in rows if r not in held]

@@ -42,6 +42,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from cogvx_train.config.errors import ConfigError
 from cogvx_train.data.frame_pack import Bucket, BucketBatchSampler, DataPosition
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,8 @@ def precompute(
         raise ValueError(f"latent_dtype={latent_dtype!r} is not one of {', '.join(DTYPES)}.")
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be at least 1.")
+    if num_workers < 0:
+        raise ValueError(f"num_workers ({num_workers}) must be >= 0 decoding processes (0 decodes in this process).")
     vae_spec, text_spec = VAESpec.from_any(vae), TextEncoderSpec.from_any(text_encoder)
     out = Path(out_dir)
     manifest_path = Path(manifest).expanduser().resolve()
@@ -221,13 +224,17 @@ def _encode_shard(dataset, members, batch_size, encoders, encode_video, collate,
 def read_index(cache_dir: str | Path) -> dict[str, Any]:
     path = Path(cache_dir).expanduser() / INDEX_NAME
     if not path.is_file():
-        raise ValueError(f"{path.parent} is not a finished latent cache (no {INDEX_NAME}); run `cogvx-data "
-                         "precompute` (it resumes where it stopped).")
-    index = json.loads(path.read_text())
+        raise ConfigError(f"{path.parent} is not a finished latent cache (no {INDEX_NAME}); run `cogvx-data "
+                          "precompute` (it resumes where it stopped).")
+    try:
+        index = json.loads(path.read_text())
+    except ValueError:  # a half-written or foreign file: the sentence below
+        index = {}
+    index = index if isinstance(index, dict) else {}
     if index.get("format") != CACHE_FORMAT or not isinstance(index.get("version"), int) \
             or index["version"] > CACHE_VERSION:
-        raise ValueError(f"{path} is not a {CACHE_FORMAT} version <= {CACHE_VERSION} index; rebuild the cache "
-                         "with this cogvx-train.")
+        raise ConfigError(f"{path} is not a {CACHE_FORMAT} version <= {CACHE_VERSION} index; rebuild the cache "
+                          "with this cogvx-train.")
     return index
 
 
@@ -482,6 +489,11 @@ def add_precompute_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_precompute(args: argparse.Namespace) -> int:
+    from cogvx_train.config.weights_source import check_weights_source
+
+    if args.vae_weights:  # before the manifest is read and the encoders are built
+        if (problem := check_weights_source(args.vae_weights, f"--vae-weights {args.vae_weights}", "vae")):
+            raise ValueError(problem)
     vae = {"size": args.vae_size, "weights": args.vae_weights, "scaling_factor": args.scaling_factor}
     text = {"kind": args.text_encoder, "path": args.text_encoder_path, "max_length": args.max_length}
     fps = args.fps or [8.0]

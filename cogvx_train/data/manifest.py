@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from cogvx_train.config.errors import ConfigError
 from cogvx_train.data.video_io import media_kind
 
 MANIFEST_SCHEMA = "cogvx-manifest"
@@ -492,10 +493,16 @@ def write_manifest(path: str | Path, manifest: Manifest) -> None:
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """Read and check a manifest; a newer version or a file that is not a manifest is a ValueError."""
+    """Read and check a manifest; a newer version or a file that is not a manifest is a ConfigError (a
+    ValueError): one sentence saying what would work."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(path.glob("*.jsonl"))
+        raise ConfigError(f"manifest {path} is a folder; give the manifest file itself"
+                         + (f", e.g. {inside[0]}" if inside else "")
+                         + f" (build one with `cogvx-data manifest {path} --out {path}/manifest.jsonl`).")
     if not path.is_file():
-        raise ValueError(f"manifest {path} does not exist; build one with `cogvx-data manifest FOLDER --out {path}`.")
+        raise ConfigError(f"manifest {path} does not exist; build one with `cogvx-data manifest FOLDER --out {path}`.")
     entries: list[ManifestEntry] = []
     with path.open(encoding="utf-8") as f:
         first = f.readline()
@@ -504,11 +511,12 @@ def read_manifest(path: str | Path) -> Manifest:
         except json.JSONDecodeError:
             header = None
         if not isinstance(header, dict) or header.get("schema") != MANIFEST_SCHEMA:
-            raise ValueError(f"{path} is not a cogvx manifest: its first line must be a header with "
-                             f"\"schema\": \"{MANIFEST_SCHEMA}\".")
+            raise ConfigError(f"{path} is not a cogvx manifest: its first line must be a header with "
+                             f"\"schema\": \"{MANIFEST_SCHEMA}\"; build one from the media folder with "
+                             f"`cogvx-data manifest FOLDER --out {path.with_suffix('.jsonl').name}`.")
         version = header.get("version")
         if not isinstance(version, int) or version > MANIFEST_VERSION or version < 1:
-            raise ValueError(f"{path} has manifest version {version!r}; this cogvx-train reads versions "
+            raise ConfigError(f"{path} has manifest version {version!r}; this cogvx-train reads versions "
                              f"1..{MANIFEST_VERSION} (upgrade cogvx-train or rebuild the manifest).")
         for line_no, line in enumerate(f, 2):
             if not line.strip():
@@ -516,9 +524,27 @@ def read_manifest(path: str | Path) -> Manifest:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no} is not valid JSON ({exc.msg}).") from None
+                raise ConfigError(f"{path}:{line_no} is not valid JSON ({exc.msg}); repair or delete that line, or "
+                                 "rebuild the manifest with `cogvx-data manifest`.") from None
+            if not isinstance(obj, dict):
+                raise ConfigError(f"{path}:{line_no} is not a row object ({{\"path\": ..., \"kind\": ..., "
+                                 f"\"status\": ...}}); repair or delete that line, or rebuild the manifest with "
+                                 "`cogvx-data manifest`.")
             entries.append(ManifestEntry.from_json(obj, f"{path}:{line_no}"))
     return Manifest(header, entries, path.resolve())
+
+
+def check_files_present(manifest: Manifest, rows: Sequence[int], probe: int = 8) -> None:
+    """One sentence (ConfigError) when none of the first `probe` of `rows` is on disk: the manifest was moved away
+    from the files its relative paths name, or the data disk is not mounted. A few missing files among present ones
+    are not an error here: training replaces a file that fails (``max_failure_rate``)."""
+    first = [manifest.resolve(manifest.entries[r]) for r in rows[:probe]]
+    if first and not any(path.exists() for path in first):
+        some = f"the first {len(first)}" if len(rows) > len(first) else f"all {len(first)}"
+        raise ConfigError(f"manifest {manifest.path}: {some} of its usable files are missing (e.g. {first[0]}); "
+                         f"its relative paths start at the manifest's folder, so keep the manifest next to its data "
+                         f"(or rebuild it with `cogvx-data manifest FOLDER --out M.jsonl --absolute-paths`) and "
+                         f"check that the data disk is mounted.")
 
 
 # ---------------------------------------------------------------------------------------------------- summary
