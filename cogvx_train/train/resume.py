@@ -68,6 +68,11 @@ def resume_checkpoint_path(cfg: DictConfig, run: RunDirectory) -> str:
     saved_plain.pop("derived", None)
     current = OmegaConf.to_container(cfg, resolve=True)
     whitelist = list(current.get("resume_whitelist") or [])
+    if saved_plain.get("stage_name") != current.get("stage_name"):
+        # another stage changes nearly every setting: name the stage rather than list them all
+        raise ConfigError(f"resume={cfg.resume} is a {saved_plain.get('stage_name')} run, but this launch is "
+                          f"stage={current.get('stage_name')}; resume it with stage={saved_plain.get('stage_name')}, "
+                          f"or start a {current.get('stage_name')} run from its weights with init_from=.")
     allowed, refused = config_changes(saved_plain, current, whitelist)
     if refused:
         raise ConfigError(["resume would change settings that make it a different run:"] + [f"  {r}" for r in refused]

@@ -87,3 +87,27 @@ def test_a_saved_fsdp_config_without_wrap_blocks_counts_as_the_whole_dit_as_one_
     # only FSDP runs get the old behaviour filled in
     allowed, refused = config_changes(configs["trainer=ddp"], configs["trainer=fsdp"], whitelist)
     assert "trainer.wrap_blocks: '<unset>' -> True" in allowed and "trainer.strategy: 'ddp' -> 'fsdp'" in refused
+
+
+def test_resuming_a_run_of_another_stage_names_the_stage(tmp_path, cache_dir):
+    """A vae_a1 run given to `stage=dit_b1 resume=...` is one sentence naming the stage, not a list of every
+    setting the two stages differ in."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from cogvx_train.config import ConfigError, resolvers
+    from cogvx_train.train.resume import resume_checkpoint_path
+    from cogvx_train.train.run_dir import RunDirectory
+
+    resolvers.register()
+    run = RunDirectory(tmp_path / "vae-run")
+    run.checkpoints.mkdir(parents=True)
+    (run.checkpoints / "last.ckpt").write_bytes(b"")
+    with initialize_config_module(config_module="cogvx_train.conf", version_base="1.3"):
+        saved = compose(config_name="train", overrides=["stage=vae_a1", "experiment=demo"])
+        current = compose(config_name="train", overrides=["stage=dit_b1", "experiment=demo", f"resume={run.path}"])
+    OmegaConf.save(saved, run.path / "config.yaml")
+    with pytest.raises(ConfigError) as info:
+        resume_checkpoint_path(current, run)
+    assert str(info.value) == (f"resume={run.path} is a vae_a1 run, but this launch is stage=dit_b1; resume it with "
+                               "stage=vae_a1, or start a dit_b1 run from its weights with init_from=.")
