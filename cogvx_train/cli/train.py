@@ -137,8 +137,10 @@ def train(cfg: DictConfig, run=None) -> dict:
     `run` (a RunDirectory) defaults to the directory Hydra chose for this job.
     """
     from cogvx_train.train import factory
+    from cogvx_train.train.distributed import adopt_launcher_node_rank
     from cogvx_train.train.run_dir import RunDirectory
 
+    adopt_launcher_node_rank()                                     # before Lightning reads the node rank
     world_size = factory.world_size_from_env(cfg)
     run = run or RunDirectory.from_hydra(cfg)
     pin_hydra_run_dir(run.path)

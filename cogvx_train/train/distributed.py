@@ -2,8 +2,9 @@
 
 Launchers and the variables they set (Lightning reads them through its cluster environments):
   torchrun             RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (+ TORCHELASTIC_RUN_ID)
-  deepspeed launcher   RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
-  SLURM (srun)         SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, SLURM_NODELIST
+  deepspeed launcher   RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, CROSS_RANK (its node index)
+  SLURM (srun)         SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID, SLURM_NTASKS(_PER_NODE), SLURM_NODELIST, SLURM_JOB_ID
+                       (MASTER_ADDR: the first node of the list; MASTER_PORT: 15000 + the job id's last 4 digits)
 A hang at start-up is the worst failure on many nodes, so before training every rank publishes a hash of its
 resolved config; a rank that does not arrive within the timeout, or arrives with another hash, is named.
 """
@@ -26,6 +27,14 @@ log = logging.getLogger("cogvx_train")
 
 # Keys that legitimately differ between ranks or launches (paths written by the launcher, resume bookkeeping).
 RANK_LOCAL_KEYS = ("paths", "resume", "hydra")
+
+
+def adopt_launcher_node_rank(environ=os.environ) -> None:
+    """The deepspeed launcher puts a process's node index in CROSS_RANK only, and Lightning (which computes each
+    global rank as node rank x devices + LOCAL_RANK and ignores RANK) reads NODE_RANK or GROUP_RANK: without this,
+    every node of a multi-node deepspeed-launcher job believes it is node 0 and the ranks collide."""
+    if "CROSS_RANK" in environ and "NODE_RANK" not in environ and "GROUP_RANK" not in environ:
+        environ["NODE_RANK"] = environ["CROSS_RANK"]
 
 
 def config_hash(cfg: DictConfig) -> str:

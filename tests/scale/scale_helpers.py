@@ -105,6 +105,16 @@ def sync_digests(output: str) -> dict[int, list[str]]:
     return out
 
 
+def assert_trained_in_sync(rank_zero_output: str) -> None:
+    """Two ranks, weight sync checks at steps 2 and 4 (TINY_DIT, max_steps=4): both ranks held the same weights at
+    each check, and the weights changed between the checks."""
+    digests = sync_digests(rank_zero_output)  # rank 0 logs every rank's digest
+    assert sorted(digests) == [2, 4], rank_zero_output[-3000:]
+    for step, per_rank in digests.items():
+        assert len(per_rank) == 2 and per_rank[0] == per_rank[1], (step, per_rank)
+    assert digests[2][0] != digests[4][0]  # the weights did train between the checks
+
+
 def run_without_deepspeed(code: str) -> str:
     """Run `code` in a fresh Python process where `import deepspeed` fails, check that nothing imported DeepSpeed
     and that it succeeded; returns its stdout."""
