@@ -71,8 +71,9 @@ def check_weights_source(value: Any, label: str, want: str, sources: str | None 
     try:
         found = stages_in_checkpoint(consolidate.load_pickle(where))
     except ValueError:
-        return (f"{label} cannot be read as a checkpoint: it is not a PyTorch checkpoint, or one cut short while "
-                f"saving; give {sources}.")
+        why = ("one cut short while saving, or damaged" if consolidate.is_torch_archive(where)
+               else "it is not a PyTorch checkpoint")
+        return f"{label} cannot be read as a checkpoint: {why}; give {sources}."
     if want in found:
         return None
     if found:

@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cogvx_train.config import ConfigError
+from cogvx_train.train.consolidate import unreadable
 
 FORMAT_VERSION = 1
 
@@ -118,6 +119,5 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"checkpoint {path} does not exist; give an existing .ckpt file or run directory.")
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is truncated or "
-                          "not a cogvx-train checkpoint — use an earlier step-*.ckpt from the same folder.") from err
+    except Exception as err:  # noqa: BLE001 - not a torch archive, or one cut short: see consolidate.unreadable
+        raise ConfigError(f"checkpoint {unreadable(path, err)}") from err

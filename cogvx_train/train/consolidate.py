@@ -103,13 +103,27 @@ _pickle_module = types.SimpleNamespace(Unpickler=_Unpickler, load=lambda f, **kw
                                        __name__="cogvx_train.train.consolidate.pickle")
 
 
+def is_torch_archive(path: str | Path) -> bool:
+    """Whether the file starts like what torch.save writes (a zip archive), cut short or not."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def unreadable(path: str | Path, err: Exception) -> str:
+    """Why a checkpoint file could not be loaded, and what to give instead, in one sentence."""
+    if not is_torch_archive(path):
+        return (f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one); give "
+                "a run directory, a step-*.ckpt or last.ckpt a run wrote, or a DeepSpeed checkpoint directory.")
+    return (f"{path} cannot be read ({type(err).__name__}: {err}); the checkpoint is incomplete (cut short while "
+            "saving, or damaged) — use an earlier step-*.ckpt of the same run.")
+
+
 def load_pickle(path: str | Path) -> Any:
     """torch.load on the CPU, DeepSpeed classes replaced by stand-ins; one sentence if the file is unreadable."""
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_pickle_module, mmap=True)
-    except Exception as err:  # noqa: BLE001 - truncated zip, wrong format: the same answer for the user
-        raise ValueError(f"{path} cannot be read ({type(err).__name__}: {err}); the checkpoint is incomplete — use "
-                         "an earlier step-*.ckpt of the same run.") from err
+    except Exception as err:  # noqa: BLE001 - truncated zip, wrong format: see unreadable()
+        raise ValueError(unreadable(path, err)) from err
 
 
 # ----------------------------------------------------------------------------------------------- the result

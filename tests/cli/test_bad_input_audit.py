@@ -82,7 +82,7 @@ def test_matching_weights_pass(files):
 @pytest.mark.parametrize("stage, key, given, expected", [
     (DIT, "init_from", "vae_ckpt", "is a vae-stage checkpoint (VAE weights), not a dit-stage one; give a dit run"),
     (DIT, "init_from", "diffusers_vae", "is a diffusers VAE (AutoencoderKLCogVideoX), not a transformer; give"),
-    (DIT, "init_from", "not_a_ckpt", "cannot be read as a checkpoint: it is not a PyTorch checkpoint, or one cut"),
+    (DIT, "init_from", "not_a_ckpt", "cannot be read as a checkpoint: it is not a PyTorch checkpoint; give"),
     (DIT, "init_from", "empty", "holds no transformer weights cogvx-train can read; give a dit run directory"),
     (VAE, "init_from", "dit_ckpt", "is a dit-stage checkpoint (transformer weights), not a vae-stage one; give a vae"),
     (DIT, "model.vae.weights", "dit_ckpt", "is a dit-stage checkpoint (transformer weights), not a vae-stage one"),

@@ -117,3 +117,22 @@ def test_cli_bad_input_gets_one_sentence(tmp_path, make, args, expected):
     done = convert([a.format(tmp=tmp_path) for a in args])
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("cogvx-convert: error:") and expected in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("foreign", "is not a PyTorch checkpoint (torch.save writes a zip archive; this file is not one)"),
+    ("truncated", "the checkpoint is incomplete (cut short while saving, or damaged) — use an earlier step-*.ckpt"),
+])
+def test_cli_tells_a_foreign_file_from_a_checkpoint_cut_short(tmp_path, damage, expected):
+    """A file that never was a checkpoint is not called an incomplete one (and the reverse)."""
+    path = tmp_path / "step.ckpt"
+    if damage == "foreign":
+        path.write_text("epoch,step,loss\n0,1,0.5\n")
+    else:
+        fake_dit_checkpoint(path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    done = convert([path, "--out", tmp_path / "m.safetensors"])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"cogvx-convert: error: {path} ") and expected in done.stderr, done.stderr
+    other = [e for d, e in [("foreign", "is not a PyTorch checkpoint"), ("truncated", "incomplete")] if d != damage]
+    assert other[0] not in done.stderr
