@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,31 @@ def test_deepspeed_launcher_two_nodes(tmp_path, cache_dir, tiny_vae_dir):
     assert_ranks(outputs)
     assert run_dir(tmp_path / "outputs").name == "ds-run"
     assert_trained_in_sync(outputs[0])
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_launch_deepspeed_script_on_one_node_needs_no_hostfile_or_ssh(tmp_path, cache_dir, tiny_vae_dir):
+    """scripts/launch_deepspeed.sh itself, as the README runs it on one machine: no HOSTFILE, no ssh server."""
+    env = {**clean_env(cache_dir, tmp_path / "outputs"), "NPROC": "2", "MASTER_PORT": str(free_port()),
+           "PATH": os.pathsep.join([str(Path(PYTHON).parent), os.environ["PATH"]])}
+    env.pop("HOSTFILE", None)
+    script = Path(__file__).resolve().parents[2] / "scripts" / "launch_deepspeed.sh"
+    args = [*TINY_DIT, f"model.vae.weights={tiny_vae_dir}", "trainer=ddp", "trainer.max_steps=4"]
+    (output,) = launch([["bash", str(script), *args]], env, tmp_path)
+    assert members(output) == {(0, 2), (1, 2)}, output[-3000:]
+    assert not list(tmp_path.glob("hostfile*"))
+    assert_trained_in_sync(output)
+
+
+def test_launch_deepspeed_script_with_a_missing_hostfile_says_so(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "scripts" / "launch_deepspeed.sh"
+    done = subprocess.run(["bash", str(script), "stage=dit_b1"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "HOSTFILE": str(tmp_path / "nodes")}, timeout=30)
+    assert done.returncode == 2
+    assert done.stderr.strip() == (f'launch_deepspeed.sh: HOSTFILE={tmp_path / "nodes"} does not exist; give a file '
+                                   'with one "host slots=N" line per node, or unset HOSTFILE to train on this node '
+                                   'alone.')
 
 
 @pytest.mark.distributed
