@@ -7,27 +7,15 @@ import pytest
 import torch
 from diffusers import (
     AutoencoderKLCogVideoX,
-    CogVideoXDDIMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
     DDIMScheduler,
 )
+from released_scheduler import released_scheduler
 
 from cogvx_train.diffusion import NoiseSchedule, ddim_step, guidance_scale_at, sample, trailing_timesteps
 
 B, C, T, H, W, L, D = 2, 4, 3, 8, 8, 8, 16
-
-
-def _scheduler(snr_shift: float = 3.0) -> CogVideoXDDIMScheduler:
-    return CogVideoXDDIMScheduler(
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        snr_shift_scale=snr_shift,
-        timestep_spacing="trailing",
-    )
 
 
 def fake_denoiser(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -47,7 +35,7 @@ def _inputs(seed: int = 0):
 
 def _diffusers_loop(noise, cond, uncond, num_steps, guidance_scale, dynamic, snr_shift=3.0):
     """CogVideoXPipeline's denoising loop, on a layout-agnostic fake model, driven by diffusers' scheduler."""
-    scheduler = _scheduler(snr_shift)
+    scheduler = released_scheduler(snr_shift)
     scheduler.set_timesteps(num_steps)
     latents = noise.clone()
     cfg = guidance_scale > 1
@@ -67,7 +55,7 @@ def _diffusers_loop(noise, cond, uncond, num_steps, guidance_scale, dynamic, snr
 
 @pytest.mark.parametrize("num_steps", [1, 7, 50, 61, 1000])
 def test_trailing_timesteps_match_diffusers(num_steps):
-    scheduler = _scheduler()
+    scheduler = released_scheduler()
     scheduler.set_timesteps(num_steps)
     ours = trailing_timesteps(num_steps)
     assert ours[0] == 999 and len(ours) == num_steps and ours == sorted(ours, reverse=True)
@@ -78,7 +66,7 @@ def test_trailing_timesteps_match_diffusers(num_steps):
 @pytest.mark.parametrize("t", [999, 979, 499, 19])
 def test_one_step_equals_diffusers(t):
     noise, cond, _ = _inputs(1)
-    schedule, scheduler = NoiseSchedule(snr_shift=3.0), _scheduler(3.0)
+    schedule, scheduler = NoiseSchedule(snr_shift=3.0), released_scheduler(3.0)
     scheduler.set_timesteps(50)
     v = fake_denoiser(noise, torch.full((B,), t), cond)
     ref = scheduler.step(v, torch.tensor(t), noise, return_dict=False)[0]
@@ -221,7 +209,7 @@ def _tiny_pipeline() -> CogVideoXPipeline:
         temporal_compression_ratio=4,
     ).eval()
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                             scheduler=_scheduler(3.0))
+                             scheduler=released_scheduler(3.0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -2,31 +2,15 @@
 
 import pytest
 import torch
-from diffusers import CogVideoXDDIMScheduler
+from released_scheduler import released_scheduler
 
 from cogvx_train.diffusion import NoiseSchedule
-
-
-def _diffusers_scheduler(snr_shift: float) -> CogVideoXDDIMScheduler:
-    # The scheduler config shipped with CogVideoX-2b (snr 3.0) and -5b (snr 1.0).
-    return CogVideoXDDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        snr_shift_scale=snr_shift,
-        timestep_spacing="trailing",
-    )
 
 
 @pytest.mark.parametrize("snr_shift", [1.0, 3.0])
 def test_alphas_cumprod_equal_diffusers(snr_shift):
     ours = NoiseSchedule(snr_shift=snr_shift).alphas_cumprod
-    ref = _diffusers_scheduler(snr_shift).alphas_cumprod
+    ref = released_scheduler(snr_shift).alphas_cumprod
     assert ours.dtype == torch.float64 and ours.shape == (1000,)
     assert (ours - ref.double()).abs().max().item() <= 1e-14
 
@@ -52,7 +36,7 @@ def test_snr_shift_divides_snr_before_the_rescale():
 
 def test_add_noise_and_velocity_equal_diffusers_in_float64():
     torch.manual_seed(0)
-    schedule, ref = NoiseSchedule(snr_shift=3.0), _diffusers_scheduler(3.0)
+    schedule, ref = NoiseSchedule(snr_shift=3.0), released_scheduler(3.0)
     x0 = torch.randn(4, 3, 2, 4, 4, dtype=torch.float64)
     noise = torch.randn_like(x0)
     t = torch.tensor([0, 1, 500, 999])

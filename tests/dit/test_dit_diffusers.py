@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+from dit_weights import randomized
+
 from cogvx_train.dit import (
     build_dit,
     export_diffusers_transformer,
@@ -26,13 +28,7 @@ def random_model(positions: str, **overrides):
     torch.manual_seed(0)
     model = build_dit("tiny", positions=positions, max_text_tokens=TEXT_TOKENS, sample_frames=3, sample_height=4,
                       sample_width=6, **overrides)
-    with torch.no_grad():  # weights that exercise every path (adaLN-Zero init would make every block an identity)
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.5 / p[0].numel() ** 0.5)
-    return model
+    return randomized(model, seed=0)
 
 
 def reference_of(model):

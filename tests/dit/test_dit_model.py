@@ -5,20 +5,9 @@ import dataclasses
 import pytest
 import torch
 
+from dit_weights import randomized
+
 from cogvx_train.dit import DIT_SIZES, DiTConfig, build_dit, rope3d_frequencies, sincos3d_embedding, summarize
-
-
-def randomized(model, seed=0):
-    """Weights that exercise every path: O(1) activations, LayerNorm gains near 1 (adaLN-Zero init would make
-    every block an identity)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.5 / p[0].numel() ** 0.5)
-    return model
 
 
 def inputs(b=2, t=3, h=4, w=6, text=8, text_dim=32, seed=1):
