@@ -36,6 +36,7 @@ duration / resolution / fps histograms); ``cogvx-data summary NAME.jsonl`` recom
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import datetime
@@ -492,10 +493,31 @@ def write_manifest(path: str | Path, manifest: Manifest) -> None:
     os.replace(tmp, path)
 
 
+_last_read: tuple[tuple, Manifest] | None = None  # (file identity, what read_manifest returned for it)
+
+
 def read_manifest(path: str | Path) -> Manifest:
     """Read and check a manifest; a newer version or a file that is not a manifest is a ConfigError (a
-    ValueError): one sentence saying what would work."""
+    ValueError): one sentence saying what would work.
+
+    A launch reads the same manifest twice in each process (the config checks before the model is built, then the
+    datamodule): the second read of an unchanged file (same path, size and modification time) returns the
+    first read's rows (shared: rows are read-only once read) in a new list, with a copy of the header, instead of
+    parsing again (about 1.7 s per 100k rows).
+    """
+    global _last_read
     path = Path(path)
+    if path.is_file():
+        stat = path.stat()
+        identity = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if _last_read is None or _last_read[0] != identity:
+            _last_read = (identity, _parse_manifest(path))
+        cached = _last_read[1]
+        return Manifest(copy.deepcopy(cached.header), list(cached.entries), cached.path)  # rows: read-only
+    return _parse_manifest(path)
+
+
+def _parse_manifest(path: Path) -> Manifest:
     if path.is_dir():
         inside = sorted(path.glob("*.jsonl"))
         raise ConfigError(f"manifest {path} is a folder; give the manifest file itself"

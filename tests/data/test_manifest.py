@@ -220,6 +220,28 @@ def test_read_manifest_rejects_what_it_cannot_read(tmp_path):
         read_manifest(tmp_path / "badrow.jsonl")
 
 
+def test_a_second_read_of_an_unchanged_manifest_is_not_parsed_again(tmp_path, monkeypatch):
+    """The config checks and the datamodule both read the manifest: one parse, while the file stays the same."""
+    import cogvx_train.data.manifest as manifest_module
+
+    path = tmp_path / "m.jsonl"
+    row = {"path": "a.mp4", "kind": "video", "status": "ok", "caption": "a red circle"}
+    path.write_text(json.dumps({"schema": "cogvx-manifest", "version": 1, "counts": {"ok": 1}}) + "\n"
+                    + json.dumps(row) + "\n")
+    parses = []
+    real = manifest_module._parse_manifest
+    monkeypatch.setattr(manifest_module, "_parse_manifest", lambda p: parses.append(p) or real(p))
+    first = read_manifest(path)
+    first.header["counts"]["ok"] = 99  # a caller's edit (cogvx-data synthetic adds to the header) stays its own
+    first.entries.append(first.entries[0])
+    second = read_manifest(path)
+    assert len(parses) == 1
+    assert second.header["counts"] == {"ok": 1} and [e.path for e in second.entries] == ["a.mp4"]
+    # a rewritten file is read again
+    path.write_text(path.read_text() + json.dumps({**row, "path": "b.mp4"}) + "\n")
+    assert [e.path for e in read_manifest(path).entries] == ["a.mp4", "b.mp4"] and len(parses) == 2
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="not a folder"):
         build_manifest(tmp_path / "nope", tmp_path / "m.jsonl")
