@@ -268,6 +268,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if wrap is not None and not isinstance(wrap, bool):
         errors.append(f"trainer.wrap_blocks={wrap!r} must be true (one FSDP unit per transformer block) or false "
                       "(the whole model one unit).")
+    offload = OmegaConf.select(cfg, "trainer.cpu_offload")
+    if offload is not None and not isinstance(offload, bool):
+        errors.append(f"trainer.cpu_offload={offload!r} must be true (FSDP keeps parameters and gradients on the CPU "
+                      "between uses) or false.")
     accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches")
     if accumulate is not None:  # a trainer config of your own may leave it out (= 1)
         _positive(cfg, "trainer.accumulate_grad_batches", errors, integer=True)

@@ -71,8 +71,14 @@ class FSDPWithCPUStrategy(FSDPStrategy):
                             "it as one unit")
         if not on_cpu(self):
             return super()._setup_model(model)
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel
 
+        if self.cpu_offload.offload_params:
+            # torch's offload keeps the CPU copies in pinned memory for the GPU transfers, which needs CUDA; on a CPU
+            # run the parameters are where the offload would put them
+            log.warning("trainer.cpu_offload=true: this run's parameters live on the CPU already; FSDP's offload "
+                        "(pinned host memory for GPU transfers) applies to GPU runs and is left off here.")
+            self.cpu_offload = CPUOffload(offload_params=False)
         # the parent passes device_id=root_device.index, None on the CPU, from which torch's FSDP infers an
         # accelerator and finds none; the CPU device itself makes it compute (and shard) on the CPU
         return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
@@ -107,8 +113,10 @@ class FSDPWithCPUStrategy(FSDPStrategy):
         super().setup(trainer)
         if self.is_global_zero:
             kinds = Counter(type(unit.module).__name__ for unit in inner_units(self.lightning_module))
-            log.info("FSDP units: the root and %d inner (%s)", sum(kinds.values()),
-                     ", ".join(f"{n} x{k}" for n, k in sorted(kinds.items())) or "the whole model is one unit")
+            log.info("FSDP units: the root and %d inner (%s); CPU offload of parameters and gradients: %s",
+                     sum(kinds.values()),
+                     ", ".join(f"{n} x{k}" for n, k in sorted(kinds.items())) or "the whole model is one unit",
+                     "on" if self.cpu_offload.offload_params else "off")
         plugin = self.precision_plugin
         self.precision_plugin = CogvxFSDPPrecision(plugin.precision, plugin.scaler, root=lambda: self.model,
                                                    device_type=self.root_device.type)

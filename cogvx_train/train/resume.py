@@ -33,8 +33,9 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 # Settings added after some run directories were written: {key: (setting, value, behaviour)}. A saved config without
 # `key` whose `setting` is `value` ran as `key`=behaviour: before trainer.wrap_blocks (one FSDP unit per block)
-# existed, FSDP wrapped the whole DiT as one unit.
-_BEFORE_ADDED = {"trainer.wrap_blocks": ("trainer.strategy", "fsdp", False)}
+# existed, FSDP wrapped the whole DiT as one unit; before trainer.cpu_offload, FSDP never offloaded.
+_BEFORE_ADDED = {"trainer.wrap_blocks": ("trainer.strategy", "fsdp", False),
+                 "trainer.cpu_offload": ("trainer.strategy", "fsdp", False)}
 
 
 def config_changes(saved: dict, current: dict, whitelist: list[str]) -> tuple[list[str], list[str]]:

@@ -41,7 +41,8 @@ def build_strategy(t: DictConfig, find_unused_parameters: bool = False, gradient
         return DDPStrategy(find_unused_parameters=find_unused_parameters, timeout=TIMEOUT)
     if name == "fsdp":
         return FSDPWithCPUStrategy(sharding_strategy="FULL_SHARD", state_dict_type="sharded", use_orig_params=True,
-                                   wrap_blocks=bool(t.get("wrap_blocks", True)), timeout=TIMEOUT)
+                                   wrap_blocks=bool(t.get("wrap_blocks", True)),
+                                   cpu_offload=bool(t.get("cpu_offload", False)), timeout=TIMEOUT)
     if name.startswith("deepspeed_zero"):
         return CogvxDeepSpeedStrategy(stage=int(name[-1]), offload_optimizer=bool(t.get("offload_optimizer", False)),
                                       offload_parameters=bool(t.get("offload_parameters", False)),

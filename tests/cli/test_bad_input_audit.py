@@ -200,9 +200,11 @@ def test_values_lightning_would_reject_with_a_traceback(override, expected):
 @pytest.mark.parametrize("override, expected", [
     ("model.text_encoder.max_length=0", "model.text_encoder.max_length=0 must be an integer > 0."),
     ("sampling.guidance_scale=-1", "sampling.guidance_scale=-1 must be a number ≥ 0 (1 = no guidance, 6 is the"),
+    ("trainer=fsdp trainer.cpu_offload=gpu", "trainer.cpu_offload='gpu' must be true (FSDP keeps parameters and "
+                                             "gradients on the CPU between uses) or false."),
 ])
 def test_dit_values_found_only_when_built_or_at_the_first_validation(override, expected):
-    one_message(DIT + [override], expected)
+    one_message(DIT + override.split(), expected)
 
 
 @pytest.mark.parametrize("devices", ["1", "auto", "-1", "[0,1]", "'0,1'"])

@@ -77,9 +77,9 @@ def test_a_saved_fsdp_config_without_wrap_blocks_counts_as_the_whole_dit_as_one_
             "stage=dit_b1", "experiment=demo", *extra.split()]), resolve=True)
             for extra in ("trainer=fsdp", "trainer=fsdp trainer.wrap_blocks=false", "trainer=ddp")}
     old = copy.deepcopy(configs["trainer=fsdp"])
-    del old["trainer"]["wrap_blocks"]  # config.yaml of a run from before the setting
+    del old["trainer"]["wrap_blocks"], old["trainer"]["cpu_offload"]  # config.yaml of a run from before the settings
     whitelist = configs["trainer=fsdp"]["resume_whitelist"]
-    assert "trainer.wrap_blocks" in whitelist
+    assert "trainer.wrap_blocks" in whitelist and "trainer.cpu_offload" in whitelist
     assert config_changes(old, configs["trainer=fsdp trainer.wrap_blocks=false"], whitelist) == ([], [])
     # the default now (one unit per block) is a change, allowed: the checkpoint reads into either wrapping
     assert config_changes(old, configs["trainer=fsdp"], whitelist) == (["trainer.wrap_blocks: False -> True"], [])
@@ -87,6 +87,7 @@ def test_a_saved_fsdp_config_without_wrap_blocks_counts_as_the_whole_dit_as_one_
     # only FSDP runs get the old behaviour filled in
     allowed, refused = config_changes(configs["trainer=ddp"], configs["trainer=fsdp"], whitelist)
     assert "trainer.wrap_blocks: '<unset>' -> True" in allowed and "trainer.strategy: 'ddp' -> 'fsdp'" in refused
+    assert "trainer.cpu_offload: '<unset>' -> False" in allowed
 
 
 def test_resuming_a_run_of_another_stage_names_the_stage(tmp_path, cache_dir):

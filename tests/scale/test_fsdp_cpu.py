@@ -181,3 +181,39 @@ def test_fsdp_bf16_mixed_trains_and_validates_like_ddp_bf16_mixed(tmp_path, cach
         assert all(math.isfinite(v) for v in fsdp.values()), key
         assert fsdp == pytest.approx(ddp, rel=rel), key
     assert (runs["fsdp"] / "samples" / "step0000002_0.mp4").is_file()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_fsdp_cpu_offload_reaches_torchs_fsdp_and_a_cpu_run_trains_without_it(tmp_path, cache_dir, tiny_vae_dir):
+    """`trainer.cpu_offload=true` becomes torch's CPUOffload(offload_params=True) (parameters and gradients kept on
+    the CPU between uses, the optimizer stepping there). torch pins that host memory for GPU transfers, which needs
+    CUDA; on a CPU run the parameters are on the CPU anyway, so it is left off with a warning and the run trains
+    exactly like one without it: same weights, EMA and Adam moments after 2 steps."""
+    from omegaconf import OmegaConf
+
+    from cogvx_train.train.strategies import build_strategy
+
+    for value in (True, False):
+        strategy = build_strategy(OmegaConf.create({"strategy": "fsdp", "cpu_offload": value}))
+        assert strategy.cpu_offload.offload_params is value
+    args = [*(a for a in TINY_DIT if not a.startswith("optim.grad_clip=")), CLIP, f"model.vae.weights={tiny_vae_dir}",
+            "trainer.devices=2", "trainer=fsdp", "trainer.max_steps=2"]
+    runs, logs = {}, {}
+    for offload in ("true", "false"):
+        out = tmp_path / f"offload-{offload}"
+        logs[offload] = launch([torchrun(2, free_port(), [*args, f"trainer.cpu_offload={offload}"])],
+                               env_for(cache_dir, out), tmp_path)[0]
+        runs[offload] = read_fsdp_checkpoint(run_dir(out) / "checkpoints" / "step-00000002.ckpt")
+    assert "trainer.cpu_offload=true: this run's parameters live on the CPU already" in logs["true"]
+    assert "CPU offload of parameters and gradients: off" in logs["true"], logs["true"][-3000:]
+    assert "trainer.cpu_offload" not in logs["false"]
+    on, off = runs["true"], runs["false"]
+    assert on.weights.keys() == off.weights.keys() and on.step == off.step == 2
+    for name, value in off.weights.items():
+        torch.testing.assert_close(on.weights[name], value, rtol=0, atol=0, msg=name)
+    for name, value in off.ema_weights().items():
+        torch.testing.assert_close(on.ema_weights()[name], value, rtol=0, atol=0, msg=name)
+    for moment in ("exp_avg", "exp_avg_sq"):
+        for name, value in off.moments[moment].items():
+            torch.testing.assert_close(on.moments[moment][name], value, rtol=0, atol=0, msg=f"{moment} {name}")
