@@ -168,7 +168,12 @@ def train(cfg: DictConfig, run=None) -> dict:
     # the final step is checkpointed by the checkpoint callback (StepCheckpoint), at the end of its batch: a save
     # here, after fit, would record the data position of the next epoch
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    metrics = factory.final_metrics(trainer)
+    from cogvx_train.train.catch_up import CatchUpOnResume
+
+    # a checkpoint of the final step: fit had nothing to train; what a kill lost after it is caught up on here
+    final_row = next((c.after_fit(trainer, module, datamodule) for c in trainer.callbacks
+                      if isinstance(c, CatchUpOnResume)), {})
+    metrics = {**final_row, **factory.final_metrics(trainer)}
     if trainer.is_global_zero:
         factory.export_final(module, run)
         run.mark_finished(metrics)

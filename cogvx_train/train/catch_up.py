@@ -13,7 +13,9 @@ So every checkpoint written at the end of a training step carries (``CHECKPOINT_
 
 On resume, before the first training step, rank 0 looks in ``metrics.csv`` for that step: a missing training row
 is written from the checkpoint; missing validation rows are produced by running the validation loop, labelled with
-that step as in an uninterrupted run. The RNG callback isolates the training stream from validation
+that step as in an uninterrupted run. A checkpoint of the run's final step leaves the resumed ``fit`` nothing to
+train, so Lightning returns before ``on_train_start``: the CLI then calls :meth:`CatchUpOnResume.after_fit`, which
+does the same through ``trainer.validate`` and hands back the metrics DONE.json records. The RNG callback isolates the training stream from validation
 (callbacks.RNGStateCallback), so the catch-up changes nothing that the following steps draw.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch import Callback
 
@@ -58,6 +61,9 @@ class CatchUpOnResume(Callback):
             "step": int(loop._batches_that_stepped),  # the label Lightning gives this step's rows
             "train_row": row,
             "validation_due": bool(validation_due),
+            # what DONE.json records if this is the final step and a resume finds nothing left to train
+            "callback_metrics": {k: float(v) for k, v in trainer.callback_metrics.items()
+                                 if isinstance(v, torch.Tensor) and v.numel() == 1},
         }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
@@ -65,8 +71,33 @@ class CatchUpOnResume(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         pending, self._pending = self._pending, None
+        if pending is not None:
+            self._catch_up(trainer, pending, lambda step: self._validate_as_step(trainer, step))
+
+    def after_fit(self, trainer, module, datamodule) -> dict[str, float]:
+        """The catch-up for a checkpoint of the run's final step. ``fit`` then returns at once (nothing left to
+        train), so ``on_train_start`` never runs: the CLI calls this after ``fit`` on every rank. The validation
+        due after the final step runs through ``trainer.validate``, labelled like the in-fit one. Returns the
+        final step's metrics as they stood when its checkpoint was saved (for DONE.json: the skipped fit produced
+        none); {} when this launch trained or resumed from no checkpoint."""
+        pending, self._pending = self._pending, None
         if pending is None:
-            return
+            return {}
+
+        def validate(step: int) -> None:
+            loop = trainer.fit_loop.epoch_loop
+            resumed_at, loop._batches_that_stepped = loop._batches_that_stepped, step
+            try:
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+            finally:
+                loop._batches_that_stepped = resumed_at
+
+        self._catch_up(trainer, pending, validate)
+        return dict(pending.get("callback_metrics", {}))
+
+    def _catch_up(self, trainer, pending: dict[str, Any], validate) -> None:
+        """Write the checkpoint step's training row and run its validation (``validate(step)``), where metrics.csv
+        lacks them."""
         from cogvx_train.train.resume import RunCSVLogger
 
         csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, RunCSVLogger)), None)
@@ -90,7 +121,7 @@ class CatchUpOnResume(Callback):
                 logger.save()
         if missing["val"]:
             log.info("resume: the killed launch did not finish the validation after step %d; running it now", step)
-            self._validate_as_step(trainer, step)
+            validate(step)
 
     @staticmethod
     def _validate_as_step(trainer, step: int) -> None:

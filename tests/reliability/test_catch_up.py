@@ -9,6 +9,7 @@ epoch end, to SIGKILL its own process there; everything else is the real `cogvx-
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,9 +57,12 @@ def _args(kind: str, vae_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("kind, hook", [("dit", "on_train_batch_end"), ("dit", "on_validation_epoch_end"),
-                                        ("vae", "on_train_batch_end")])
-def test_a_kill_between_a_checkpoint_and_its_rows_loses_no_row(kind, hook, tmp_path, cli_env, dataset,
+@pytest.mark.parametrize("kind, hook, kill_step", [
+    ("dit", "on_train_batch_end", KILL_STEP), ("dit", "on_validation_epoch_end", KILL_STEP),
+    ("vae", "on_train_batch_end", KILL_STEP),
+    # the final step: the resumed fit has nothing left to train (Lightning skips it), the catch-up runs after it
+    ("dit", "on_validation_epoch_end", MAX_STEPS)])
+def test_a_kill_between_a_checkpoint_and_its_rows_loses_no_row(kind, hook, kill_step, tmp_path, cli_env, dataset,
                                                                  tiny_vae_dir):
     args = _args(kind, tiny_vae_dir)
     stage = "dit_b1" if kind == "dit" else "vae_a1"
@@ -66,16 +70,17 @@ def test_a_kill_between_a_checkpoint_and_its_rows_loses_no_row(kind, hook, tmp_p
     ref = metrics_by_step(only_run_dir(tmp_path / "ref", stage))
 
     out = tmp_path / "killed"
-    env = {**env_for(cli_env, out), "KILL_STEP": str(KILL_STEP), "KILL_IN": hook}
+    env = {**env_for(cli_env, out), "KILL_STEP": str(kill_step), "KILL_IN": hook}
     killer = tmp_path / "killer.py"
     killer.write_text(KILLER)
     killed = subprocess.run([sys.executable, str(killer), *args], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert killed.returncode == -9, f"exit {killed.returncode}\n{killed.stderr[-3000:]}"
     run_dir = only_run_dir(out, stage)
-    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == KILL_STEP
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == kill_step
+    assert not (run_dir / "DONE.json").exists()
     lost = metrics_by_step(run_dir)
-    label = KILL_STEP - 1  # Lightning labels the rows of the step that ends at global step N with N - 1
+    label = kill_step - 1  # Lightning labels the rows of the step that ends at global step N with N - 1
     if hook == "on_train_batch_end":  # the checkpoint is on disk, its step's training row is not
         assert "train/loss" not in lost.get(label, {}) and "train/loss" in ref[label]
     else:  # the training row is there, the validation after it is not
@@ -98,6 +103,13 @@ def test_a_kill_between_a_checkpoint_and_its_rows_loses_no_row(kind, hook, tmp_p
                    weights_only=False)
     b = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    # the run is finished, with the final metrics an uninterrupted run records
+    done = json.loads((run_dir / "DONE.json").read_text())
+    ref_done = json.loads((only_run_dir(tmp_path / "ref", stage) / "DONE.json").read_text())
+    assert done["global_step"] == ref_done["global_step"] == MAX_STEPS
+    want, have = deterministic_columns(ref_done), deterministic_columns(done)
+    assert sorted(have) == sorted(want)
+    assert have == pytest.approx(want, rel=1e-6, nan_ok=True)  # nan: a timestep bucket no step sampled
 
 
 @pytest.mark.slow
