@@ -14,7 +14,8 @@ Runs are interleaved ours/ours-native/diffusers/... and repeated; medians are re
     python scripts/bench_vae.py [--frames 9 17 33 49 65] [--size 64 96] [--reps 3]
 
 "ours-native" is ours with PyTorch's default conv dispatch instead of oneDNN (causal_conv.conv3d), to separate
-the gain of the conv kernel choice from the rest. Last line: our peak@49 / peak@9, our peak / diffusers' peak and
+the gain of the conv kernel choice from the rest. Before the last line: the causal-conv cache a chunked pass carries and
+our peak growth once a clip streams (peak@49 / peak@17). Last line: our peak@49 / peak@9, our peak / diffusers' peak and
 our time / diffusers' time (medians over frame counts; native-conv variant in brackets), for encode and decode.
 """
 
@@ -90,6 +91,13 @@ def worker(impl: str, frames: int, size: tuple[int, int], weights: str, timed: i
                 cpu.append(time.process_time() - start_cpu)
             result[f"{phase}_time"] = statistics.median(times)
             result[f"{phase}_cpu"] = statistics.median(cpu)
+        if impl.startswith("ours"):  # the state a chunked pass carries: every causal conv's last k-1 input frames
+            for phase, net, fn, arg in (("enc", model.encoder, encode, x), ("dec", model.decoder, decode, z)):
+                contexts = []
+                hook = net.register_forward_pre_hook(lambda module, args: contexts.append(args[1]))
+                fn(arg)
+                hook.remove()
+                result[f"{phase}_cache"] = sum(t.numel() * t.element_size() for t in (contexts[-1].cache or {}).values())
     return result
 
 
@@ -165,6 +173,12 @@ def main() -> None:
               + " | ".join(f"{c:>18}" for c in cells[2:]))
 
     lo, hi = (49 if 49 in args.frames else max(args.frames)), min(args.frames)
+    streamed = [f for f in args.frames if f > 9]  # 9 frames (3 latent) are one chunk: nothing is carried
+    print(f"carried causal-conv cache at {lo} frames: encode {med('ours', lo, 'enc_cache') / mib:.1f} MiB, decode "
+          f"{med('ours', lo, 'dec_cache') / mib:.1f} MiB" + (
+              f"; ours peak@{lo}/peak@{min(streamed)} (growth once streaming): encode "
+              f"{med('ours', lo, 'enc_peak') / med('ours', min(streamed), 'enc_peak'):.2f}, decode "
+              f"{med('ours', lo, 'dec_peak') / med('ours', min(streamed), 'dec_peak'):.2f}" if streamed and lo > min(streamed) else ""))
     def ratio(a: str, b: str, key: str) -> float:  # median over frame counts
         return statistics.median(med(a, f, key) / med(b, f, key) for f in args.frames)
 
