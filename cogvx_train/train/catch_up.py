@@ -15,8 +15,9 @@ On resume, before the first training step, rank 0 looks in ``metrics.csv`` for t
 is written from the checkpoint; missing validation rows are produced by running the validation loop, labelled with
 that step as in an uninterrupted run. A checkpoint of the run's final step leaves the resumed ``fit`` nothing to
 train, so Lightning returns before ``on_train_start``: the CLI then calls :meth:`CatchUpOnResume.after_fit`, which
-does the same through ``trainer.validate`` and hands back the metrics DONE.json records. The RNG callback isolates the training stream from validation
-(callbacks.RNGStateCallback), so the catch-up changes nothing that the following steps draw.
+does the same through ``trainer.validate`` and hands back the metrics DONE.json records. The RNG callback isolates
+the training stream from validation (callbacks.RNGStateCallback), so the catch-up changes nothing that the
+following steps draw.
 """
 
 from __future__ import annotations
