@@ -133,7 +133,8 @@ class Level(nn.Module):
     def steps(self, ctx: FrameContext, zq: torch.Tensor | None, use_checkpoint: bool):
         """The level as a sequence of h -> h functions (its blocks, then its sampler). The network's forward runs
         them one by one, so no frame holds a level's input while the later blocks run: without gradients it is
-        freed after the first block (12% of the decoder's peak in scripts/bench_vae.py's config)."""
+        freed after the first block (decoder peak 44 -> 38 MiB at 9 frames, 62 -> 58 at 49 in scripts/bench_vae.py's
+        config; BENCHMARKS.md)."""
         for resnet in self.resnets:
             if use_checkpoint:
                 yield lambda h, resnet=resnet: checkpoint(resnet, h, ctx, zq, use_reentrant=False)
